@@ -1,0 +1,142 @@
+"""Streamed safetensors I/O: read a Hugging Face checkpoint one tensor at a time, write sharded outputs.
+
+Reading uses `safe_open`, which memory-maps the file, so only the tensor being processed is resident. Writing
+collects tensors up to `max_shard_bytes` and flushes a shard, so a 7B model is never held whole in memory.
+Shards follow the Hugging Face convention (`name-00001-of-00003.safetensors` + `name.safetensors.index.json`),
+with a single `name.safetensors` when everything fits one shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qosora.errors import QosoraError
+
+# Files copied from a source model directory next to the weights we write.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+class CheckpointReader:
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in `directory/prefix*`."""
+
+    def __init__(self, directory: str | Path, prefix: str = "model"):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise QosoraError(f"model directory {self.directory} does not exist: pass a local Hugging Face model directory")
+        index = self.directory / f"{prefix}.safetensors.index.json"
+        single = self.directory / f"{prefix}.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise QosoraError(f"{index} is corrupt ({e}): re-download or re-save the model") from None
+            self.files = {name: self.directory / f for name, f in weight_map.items()}
+        elif single.is_file():
+            self.files = {name: single for name in self._keys(single)}
+        else:
+            if any(self.directory.glob("*.bin")) or any(self.directory.glob("*.pt")):
+                raise QosoraError(
+                    f"{self.directory} has PyTorch .bin weights, which qosora does not unpickle: convert them once with "
+                    "`AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)`"
+                )
+            raise QosoraError(f"no {prefix}.safetensors (or sharded index) in {self.directory}: not a safetensors checkpoint")
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._handles:
+            if not path.is_file():
+                raise QosoraError(f"shard {path} listed in the index is missing: re-download the model")
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
+        return self._handles[path]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def fingerprint(self) -> str:
+        """sha256 over every shard's name, size and safetensors header: cheap, and changes when the weights do."""
+        h = hashlib.sha256()
+        for path in sorted(set(self.files.values())):
+            h.update(path.name.encode())
+            h.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 1 << 24)))
+        return h.hexdigest()
+
+
+class ShardedWriter:
+    """Write tensors into `directory/prefix*.safetensors`, flushing a shard every `max_shard_bytes`."""
+
+    def __init__(self, directory: str | Path, prefix: str, max_shard_bytes: int = 1 << 30):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous().cpu()
+        self._pending[name] = t
+        self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        tmp_name = f"{self.prefix}-shard{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(self.directory / tmp_name), metadata={"format": "pt"})
+        self._shards.append((tmp_name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush and give shards their final names; returns the file names written."""
+        self._flush()
+        if not self._shards:
+            save_file({}, str(self.directory / f"{self.prefix}.safetensors"))
+            return [f"{self.prefix}.safetensors"]
+        if len(self._shards) == 1:
+            final = f"{self.prefix}.safetensors"
+            os.replace(self.directory / self._shards[0][0], self.directory / final)
+            return [final]
+        total = len(self._shards)
+        weight_map, files = {}, []
+        for i, (tmp_name, names) in enumerate(self._shards):
+            final = f"{self.prefix}-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.directory / tmp_name, self.directory / final)
+            files.append(final)
+            weight_map.update({n: final for n in names})
+        index = {"metadata": {}, "weight_map": weight_map}
+        (self.directory / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return files

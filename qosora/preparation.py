@@ -1,0 +1,201 @@
+"""`qosora prepare`: stream a Hugging Face checkpoint, split every targeted linear by SVD, quantize the residual.
+
+    for each tensor, in layer order (one resident at a time, memory-mapped source):
+        targeted linear W  ->  principal (U, S, Vh in bf16)  +  NF4(W - principal)   [+ stats]
+        anything else      ->  copied as is into base.safetensors
+
+Peak memory is one weight in fp32 plus its SVD workspace plus one output shard, never the whole model.
+The output directory is written atomically (temporary directory + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from qosora import __version__
+from qosora.architectures import check_supported, layer_index, parse_linear
+from qosora.artifact import STATS_NAME, atomic_directory, copy_side_files
+from qosora.checkpoint import SIDE_FILES, CheckpointReader, ShardedWriter
+from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
+from qosora.decompose import check_rank, principal_split, relative_error
+from qosora.errors import QosoraError
+from qosora.methods import METHOD_SPECS
+from qosora.nf4 import DTYPES, nf4_roundtrip, quantize_nf4
+
+# (module name, weight shape) -> adapt it?
+FilterFn = Callable[[str, tuple[int, int]], bool]
+
+
+@dataclass
+class PrepareReport:
+    method: str
+    rank: int
+    layers: int
+    trainable_params: int
+    frozen_params: int
+    mean_rel_error: float
+    mean_rel_error_plain_nf4: float
+    seconds: float
+    out_dir: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    if not model_dir.is_dir():
+        raise QosoraError(f"model directory {model_dir} does not exist: pass a local Hugging Face model directory")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise QosoraError(f"{model_dir} has no config.json: pass a Hugging Face model directory (config.json + safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise QosoraError(f"{path} is not valid JSON ({e})") from None
+
+
+def select_modules(reader: CheckpointReader, config: PrepareConfig, filter_fn: FilterFn | None) -> list[str]:
+    modules = []
+    for name in reader.names():
+        if not name.endswith(".weight"):
+            continue
+        module = name[: -len(".weight")]
+        parsed = parse_linear(module)
+        if parsed is None or parsed[1] not in config.targets:
+            continue
+        shape = reader.shape(name)
+        if filter_fn is not None and not filter_fn(module, shape):
+            continue
+        check_rank(config.rank, shape, module)
+        modules.append(module)
+    if not modules:
+        raise QosoraError(f"no linear layer matched targets {','.join(config.targets)}: check --targets (and the filter)")
+    return sorted(modules, key=lambda m: (layer_index(m), m))
+
+
+def decompose_module(W: torch.Tensor, config: PrepareConfig, generator: torch.Generator):
+    """One weight -> (residual to store, factors, stats). All math in fp32 on W's device."""
+    spec = METHOD_SPECS[config.method]
+    q = config.quant
+    quantized = q.quant_type == "nf4"
+    roundtrip = lambda R: nf4_roundtrip(R, q.blocksize, q.double_quant, q.compute_dtype)  # noqa: E731
+    adapter_dtype = DTYPES[config.adapter_dtype]
+    d_out, d_in = W.shape
+    if spec.uses_svd:
+        principal, _ = principal_split(
+            W, config.rank, config.svd, store_dtype=adapter_dtype, quant_roundtrip=roundtrip if quantized else None
+        )
+        factors = spec.init(principal, d_out, d_in, config.rank, generator)
+        singular_values = principal.S.float().tolist()
+    else:
+        factors = spec.init(None, d_out, d_in, config.rank, generator)
+        singular_values = []
+    factors = {n: t.to(device=W.device, dtype=adapter_dtype) for n, t in factors.items()}
+    # The residual is W minus the adapter *as stored*, so residual + adapter == W exactly before quantization.
+    B, A = spec.lowrank(factors)
+    approx_principal = B @ A
+    residual = W.float() - approx_principal
+    factors = {n: t.cpu() for n, t in factors.items()}
+    if quantized:
+        stored = quantize_nf4(residual, q.blocksize, q.double_quant, q.compute_dtype)
+        deq = stored.dequantize().float()
+        plain = nf4_roundtrip(W, q.blocksize, q.double_quant, q.compute_dtype)
+        stats = {"rel_error": relative_error(deq + approx_principal, W), "rel_error_plain_nf4": relative_error(plain, W)}
+        stored = stored.to("cpu")
+    else:
+        stored = residual.cpu()
+        stats = {"rel_error": relative_error(residual + approx_principal, W), "rel_error_plain_nf4": None}
+    stats.update(shape=[d_out, d_in], rank=config.rank, singular_values=singular_values,
+                 trainable=spec.trainable_count(d_out, d_in, config.rank))
+    return stored, factors, stats
+
+
+def prepare(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    config: PrepareConfig | None = None,
+    *,
+    filter_fn: FilterFn | None = None,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = 1 << 30,
+) -> PrepareReport:
+    """Split every targeted linear of the checkpoint in `model_dir` and write a prepared directory to `out_dir`.
+
+    `filter_fn(module_name, (d_out, d_in)) -> bool` narrows the targets further (Python API only).
+    """
+    start = time.perf_counter()
+    config = (config or PrepareConfig())
+    config = replace(config, targets=PrepareConfig.normalize_targets(config.targets)).validate()
+    model_dir = Path(model_dir)
+    hf_config = read_hf_config(model_dir)
+    model_type = check_supported(hf_config, str(model_dir))
+    reader = CheckpointReader(model_dir)
+    modules = select_modules(reader, config, filter_fn)
+    adapted = {f"{m}.weight" for m in modules}
+    device = torch.device(device) if device is not None else default_device()
+    generator = torch.Generator().manual_seed(config.svd.seed)
+
+    stats: dict[str, dict] = {}
+    frozen = 0
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        base = ShardedWriter(tmp, "base", max_shard_bytes)
+        residual_writer = ShardedWriter(tmp, "residual", max_shard_bytes)
+        adapter_writer = ShardedWriter(tmp, "adapter", max_shard_bytes=1 << 40)
+        names = sorted(reader.names(), key=lambda n: (layer_index(n), n))
+        bar = tqdm(total=len(modules), desc=f"prepare {config.method} r={config.rank}", unit="linear", disable=not progress)
+        for name in names:
+            tensor = reader.get(name)
+            if name not in adapted:
+                base.add(name, tensor)
+                frozen += tensor.numel()
+                continue
+            module = name[: -len(".weight")]
+            stored, factors, module_stats = decompose_module(tensor.to(device), config, generator)
+            if isinstance(stored, torch.Tensor):
+                residual_writer.add(f"{module}.residual", stored)
+            else:
+                for k, t in stored.to_tensors(f"{module}.nf4").items():
+                    residual_writer.add(k, t)
+            spec = METHOD_SPECS[config.method]
+            for fname, t in factors.items():
+                adapter_writer.add(f"{module}.{fname}", t)
+                if fname not in spec.trainable:
+                    frozen += t.numel()
+            frozen += tensor.numel()
+            stats[module] = module_stats
+            bar.update(1)
+            bar.set_postfix(err=f"{module_stats['rel_error']:.4f}")
+        bar.close()
+        base.close()
+        residual_writer.close()
+        adapter_writer.close()
+        copy_side_files(model_dir, tmp, SIDE_FILES)
+        qcfg = QosoraConfig(
+            prepare=config, model_type=model_type, modules=modules,
+            source={"path": str(model_dir.resolve()), "fingerprint": reader.fingerprint()},
+            qosora_version=__version__,
+        )
+        (tmp / CONFIG_NAME).write_text(qcfg.to_json())
+        (tmp / STATS_NAME).write_text(json.dumps(stats, indent=1))
+
+    errs = [s["rel_error"] for s in stats.values()]
+    plain = [s["rel_error_plain_nf4"] for s in stats.values() if s["rel_error_plain_nf4"] is not None]
+    return PrepareReport(
+        method=config.method, rank=config.rank, layers=len(modules),
+        trainable_params=sum(s["trainable"] for s in stats.values()), frozen_params=frozen,
+        mean_rel_error=sum(errs) / len(errs), mean_rel_error_plain_nf4=sum(plain) / len(plain) if plain else float("nan"),
+        seconds=time.perf_counter() - start, out_dir=str(out_dir),
+    )
