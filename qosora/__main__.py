@@ -1,0 +1,5 @@
+import sys
+
+from qosora.cli import main
+
+sys.exit(main())
