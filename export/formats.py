@@ -1,0 +1,171 @@
+"""Export formats: how one linear layer (and the embedding / lm_head) becomes ONNX nodes.
+
+| format   | adapted linear y = x W^T (+ b)                                       | domain        |
+|----------|----------------------------------------------------------------------|---------------|
+| fp32     | MatMul(x, W_merged^T)                                                | default       |
+| fp16     | same, weights and activations float16                               | default       |
+| int4     | MatMulNBits(x, int4(W_merged))                                       | com.microsoft |
+|          | --keep-principal: MatMulNBits(x, int4(W_res)) + (x A^T) B^T          |               |
+| nf4      | MatMulBnb4(x, NF4(W_res)) + (x A^T) B^T   (the trained function)     | com.microsoft |
+| trt-int4 | MatMul(x, DequantizeLinear(int4 W^T [K, N], scale [K/bs, N], axis 0)) | default only  |
+
+W_merged = deq(NF4(W_res)) + B A is requantized once, here, and the error ||W_merged - deq(q(.))||_F / ||W_merged||_F
+of every linear is recorded for the export report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+from onnx import TensorProto
+
+from qosora.export.quantizers import INT4_SCHEMES, Int4Blocks, Int4Scheme, dequantize_int4, pack_low_first, quantize_int4, relative_error
+from qosora.export.source import WeightSource
+from qosora.export.writer import MS_DOMAIN, GraphWriter
+from qosora.errors import QosoraError
+
+Format = Literal["int4", "nf4", "fp16", "fp32", "trt-int4"]
+FORMATS: tuple[str, ...] = ("int4", "nf4", "fp16", "fp32", "trt-int4")
+_NF4 = 1  # MatMulBnb4 quant_type
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of an export; validated once in `validate`, written into the report."""
+
+    format: Format = "int4"
+    block_size: int = 32  # int4 / trt-int4 quantization block along K
+    int4_scheme: Int4Scheme = "sym-search"  # trt-int4 allows the symmetric ones only
+    accuracy_level: int = 0  # MatMulNBits: 0 = A in float, 4 = A quantized to int8 (faster on CPU)
+    keep_principal: bool = False  # int4 / trt-int4: quantize only W_res, keep B A as a float branch
+    quantize_lm_head: bool = True  # int4 / trt-int4
+    quantize_embedding: bool = True  # int4 only (GatherBlockQuantized)
+
+    @property
+    def dtype(self) -> str:
+        """Activation / cache / logits dtype of the graph."""
+        return "float16" if self.format == "fp16" else "float32"
+
+    def validate(self) -> "ExportOptions":
+        if self.format not in FORMATS:
+            raise QosoraError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.int4_scheme not in INT4_SCHEMES:
+            raise QosoraError(f"unknown int4 scheme {self.int4_scheme!r}; choose one of {', '.join(INT4_SCHEMES)}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise QosoraError(f"--block-size {self.block_size}: use a power of two between 16 and 256")
+        if self.format == "trt-int4" and self.int4_scheme == "asym":
+            raise QosoraError("trt-int4 is symmetric (TensorRT takes no int4 zero point): use --int4-scheme sym-search")
+        if self.keep_principal and self.format not in ("int4", "trt-int4"):
+            raise QosoraError("--keep-principal applies to --format int4 and trt-int4")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise QosoraError(f"--accuracy-level {self.accuracy_level}: use 0 (unset), 1, 2, 3 or 4 (int8)")
+        return self
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class LinearEmitter:
+    """Builds one linear's nodes for the chosen format and records its requantization error."""
+
+    def __init__(self, w: GraphWriter, src: WeightSource, opts: ExportOptions):
+        self.w, self.src, self.opts, self.dtype = w, src, opts, opts.dtype
+        self.errors: dict[str, dict] = {}
+
+    def __call__(self, x: str, module: str) -> str:
+        fmt, adapted = self.opts.format, self.src.is_adapted(module)
+        if fmt == "nf4" and adapted:
+            y = self._nf4_with_branch(x, module)
+        elif fmt in ("int4", "trt-int4"):
+            if self.opts.keep_principal and adapted:
+                res = self.src.residual_dense(module)
+                b, a = self.src.lowrank(module)
+                q = self._int4(res, module)
+                merged = res + b @ a
+                self._record(module, merged, dequantize_int4(q) + b @ a, kept_rank=a.shape[0])
+                del res, merged
+                y = self._int4_node(x, module, q)
+                y = self.w.op("Add", [y, self._lowrank_branch(x, module, b, a)])
+            else:
+                weight = self.src.dense(module)
+                q = self._int4(weight, module)
+                self._record(module, weight, dequantize_int4(q))
+                y = self._int4_node(x, module, q)
+        else:  # fp32 / fp16, and non-adapted linears of an nf4 export
+            weight = self.src.dense(module)
+            wt = weight.T.astype(self.dtype)
+            self._record(module, weight, wt.T.astype(np.float32))
+            y = self.w.op("MatMul", [x, self.w.initializer(module + ".weight_t", wt, "dense")])
+        bias = self.src.bias(module)
+        if bias is not None:
+            y = self.w.op("Add", [y, self.w.initializer(module + ".bias", bias.astype(self.dtype), "bias")])
+        return y
+
+    # -- pieces ---------------------------------------------------------------------------------------------
+    def _int4(self, weight: np.ndarray, module: str) -> Int4Blocks:
+        k = weight.shape[1]
+        if self.opts.format == "trt-int4" and k % self.opts.block_size:
+            raise QosoraError(
+                f"{module}: trt-int4 needs the block size to divide K={k} (TensorRT's blockwise DequantizeLinear); "
+                f"pick --block-size {max(b for b in (16, 32, 64) if k % b == 0) if k % 16 == 0 else 16}"
+            )
+        return quantize_int4(weight, self.opts.block_size, self.opts.int4_scheme)
+
+    def _int4_node(self, x: str, name: str, q: Int4Blocks) -> str:
+        if self.opts.format == "trt-int4":
+            return self.w.op("MatMul", [x, self.dequantize_linear(name, q)])
+        return self.matmul_nbits(x, name, q)
+
+    def matmul_nbits(self, x: str, name: str, q: Int4Blocks) -> str:
+        """MatMulNBits: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales [N * K_pad/bs], zero points
+        uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8)."""
+        n, bs = q.codes.shape[0], q.block_size
+        packed = pack_low_first(q.codes).reshape(n, -1, bs // 2)
+        inputs = [x, self.w.initializer(name + ".qweight", packed, "int4"),
+                  self.w.initializer(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales")]
+        if q.zero_points is not None:
+            inputs.append(self.w.initializer(name + ".qzeros", pack_low_first(q.zero_points), "scales"))
+        return self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=n, bits=4, block_size=bs,
+                         accuracy_level=self.opts.accuracy_level)
+
+    def dequantize_linear(self, name: str, q: Int4Blocks) -> str:
+        """Standard-ONNX int4: DequantizeLinear(int4 W^T [K, N], scale [K/bs, N], axis=0, block_size=bs) -> float [K, N].
+
+        The form TensorRT 10 parses for weight-only int4 (symmetric, no zero point); ORT's CPU optimizer fuses
+        it with the following MatMul into MatMulNBits.
+        """
+        signed_t = (q.codes[:, : q.k].astype(np.int16) - 8).T  # [K, N], -8..7
+        raw = pack_low_first((signed_t & 0x0F).astype(np.uint8).reshape(-1)).tobytes()
+        qw = self.w.raw_initializer(name + ".qweight_t", TensorProto.INT4, signed_t.shape, raw, "int4")
+        scale = self.w.initializer(name + ".scales_t", np.ascontiguousarray(q.scales.T).astype(self.dtype), "scales")
+        return self.w.op("DequantizeLinear", [qw, scale], axis=0, block_size=q.block_size)
+
+    def _nf4_with_branch(self, x: str, module: str) -> str:
+        """
+            x ──> MatMulBnb4(NF4 W_res, absmax) ─────────────┐
+            │                                                 Add ──> y
+            └──> MatMul(A^T [K, r]) ──> MatMul(B^T [r, N]) ──┘
+        """
+        p = self.src.nf4(module)
+        n, k = p.shape
+        y = self.w.op("MatMulBnb4", [
+            x,
+            self.w.initializer(module + ".nf4", np.ascontiguousarray(p.data, dtype=np.uint8), "nf4"),
+            self.w.initializer(module + ".absmax", p.absmax.astype(self.dtype), "scales"),
+        ], domain=MS_DOMAIN, K=k, N=n, block_size=p.blocksize, quant_type=_NF4)
+        b, a = self.src.lowrank(module)
+        self.errors[module] = {"shape": [n, k], "rel_error": 0.0, "kept_rank": int(a.shape[0]), "note": "NF4 kept"}
+        return self.w.op("Add", [y, self._lowrank_branch(x, module, b, a)])
+
+    def _lowrank_branch(self, x: str, module: str, b: np.ndarray, a: np.ndarray) -> str:
+        at = self.w.initializer(module + ".lora_A_t", np.ascontiguousarray(a.T).astype(self.dtype), "lowrank")
+        bt = self.w.initializer(module + ".lora_B_t", np.ascontiguousarray(b.T).astype(self.dtype), "lowrank")
+        return self.w.op("MatMul", [self.w.op("MatMul", [x, at]), bt])
+
+    def _record(self, module: str, ref: np.ndarray, approx: np.ndarray, kept_rank: int = 0) -> None:
+        entry = {"shape": list(ref.shape), "rel_error": relative_error(ref, approx)}
+        if kept_rank:
+            entry["kept_rank"] = int(kept_rank)
+        self.errors[module] = entry

@@ -1,0 +1,132 @@
+"""A small ONNX graph writer that streams initializers to an external data file as they are made.
+
+`onnx.save(..., save_as_external_data=True)` needs every tensor in memory first; here each initializer's bytes go
+to `model.onnx.data` the moment it is added and the TensorProto keeps only (location, offset, length), so the
+exporter's memory is one layer's weights, not the model's.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+_NP_TO_ONNX = {
+    np.dtype("float32"): TensorProto.FLOAT,
+    np.dtype("float16"): TensorProto.FLOAT16,
+    np.dtype("int64"): TensorProto.INT64,
+    np.dtype("int32"): TensorProto.INT32,
+    np.dtype("uint8"): TensorProto.UINT8,
+    np.dtype("int8"): TensorProto.INT8,
+    np.dtype("bool"): TensorProto.BOOL,
+}
+
+OPSET = 21  # blockwise DequantizeLinear (int4, block_size) needs 21
+MS_DOMAIN = "com.microsoft"
+
+
+def onnx_dtype(dtype) -> int:
+    return _NP_TO_ONNX[np.dtype(dtype)]
+
+
+class GraphWriter:
+    """Collects nodes; writes initializers to `data_path` immediately (those under `inline_limit` bytes inline)."""
+
+    def __init__(self, data_path: Path, inline_limit: int = 1024):
+        self.data_path = Path(data_path)
+        self._file = open(self.data_path, "wb")
+        self._offset = 0
+        self.inline_limit = inline_limit
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._names: set[str] = set()
+        self._scope: list[str] = []
+        self._counter = 0
+        self.bytes_by_kind: dict[str, int] = {}
+        self.op_counts: dict[str, int] = {}
+
+    # -- initializers ---------------------------------------------------------------------------------------
+    def initializer(self, name: str, array: np.ndarray, kind: str = "other") -> str:
+        array = np.ascontiguousarray(array)
+        return self.raw_initializer(name, onnx_dtype(array.dtype), array.shape, array.tobytes(), kind)
+
+    def raw_initializer(self, name: str, data_type: int, dims, raw: bytes, kind: str = "other") -> str:
+        """An initializer from raw little-endian bytes (used for packed INT4 tensors)."""
+        if name in self._names:
+            raise ValueError(f"duplicate initializer {name}")
+        self._names.add(name)
+        t = TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
+        if len(raw) <= self.inline_limit:
+            t.raw_data = raw
+        else:
+            align = 4096 if len(raw) >= 1 << 20 else 64  # page-aligned big tensors can be mmapped
+            pad = -self._offset % align
+            if pad:
+                self._file.write(b"\0" * pad)
+                self._offset += pad
+            self._file.write(raw)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", self.data_path.name), ("offset", str(self._offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=k, value=v)
+            self._offset += len(raw)
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + len(raw)
+        self.initializers.append(t)
+        return name
+
+    def const(self, array, dtype=None) -> str:
+        """A small anonymous constant (shapes, axes, scalars)."""
+        a = np.asarray(array, dtype=dtype)
+        self._counter += 1
+        return self.initializer(f"/const_{self._counter}", a)
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+    @contextmanager
+    def scope(self, name: str):
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, outputs: list[str] | None = None,
+           domain: str = "", **attrs):
+        """Add a node; returns its output name (or list of names when n_out > 1)."""
+        self._counter += 1
+        prefix = "/" + "/".join(self._scope) if self._scope else ""
+        node_name = f"{prefix}/{op_type}_{self._counter}"
+        if outputs is None:
+            outputs = [f"{node_name}/output_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, domain=domain or None, **attrs))
+        key = f"{domain}::{op_type}" if domain else op_type
+        self.op_counts[key] = self.op_counts.get(key, 0) + 1
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    # -- finish ---------------------------------------------------------------------------------------------
+    def finish(self, inputs, outputs, model_path: Path, *, doc: str = "", metadata: dict | None = None,
+               uses_ms_domain: bool = False) -> onnx.ModelProto:
+        self._file.close()
+        graph = helper.make_graph(self.nodes, "qosora_decoder", inputs, outputs, initializer=self.initializers)
+        opsets = [helper.make_opsetid("", OPSET)]
+        if uses_ms_domain:
+            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qosora", doc_string=doc)
+        model.ir_version = 10  # int4 tensors need IR >= 10
+        for k, v in (metadata or {}).items():
+            model.metadata_props.add(key=k, value=str(v))
+        onnx.save_model(model, str(model_path))
+        return model
+
+    @property
+    def uses_ms_domain(self) -> bool:
+        return any(n.domain == MS_DOMAIN for n in self.nodes)
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def value_info(name: str, dtype: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, onnx_dtype(dtype), list(shape))
