@@ -48,6 +48,7 @@ def build_decoder_graph(src: WeightSource, opts: ExportOptions, out_dir: Path,
     opts = opts.validate()
     spec = io.DecoderSpec.from_hf_config(src.hf_config)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     w = GraphWriter(out_dir / DATA_FILE)
     try:
         linear = LinearEmitter(w, src, opts)

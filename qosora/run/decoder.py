@@ -1,0 +1,117 @@
+"""An exported decoder in onnxruntime: one forward step with a KV cache, and greedy / sampled decoding.
+
+The cache is matched by name (`present.{i}.key` -> `past_key_values.{i}.key`), never by output position:
+onnxruntime-genai and optimum order their outputs differently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Thread spinning off: with spinning on, onnxruntime's idle threads burn the cores that a tokenizer, PyTorch or
+    a second session in the same process need (measured several-fold slowdowns on 2 cores, DESIGN.md section 4)."""
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+@dataclass
+class StepTimes:
+    prefill_s: float = 0.0
+    decode_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return len(self.decode_s) / sum(self.decode_s) if self.decode_s else 0.0
+
+
+class OnnxCausalLM:
+    """`model.onnx` of an exported directory. `forward` takes numpy arrays; `generate` runs a decode loop."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+        self.model_dir = Path(model_dir)
+        path = self.model_dir / "model.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass a directory written by `qosora export --onnx`")
+        self.session = ort.InferenceSession(str(path), session_options(threads),
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.past_names: dict[str, tuple[int, str]] = {}
+        for i in self.session.get_inputs():
+            m = _PAST.match(i.name)
+            if m:
+                self.past_names[i.name] = (int(m.group(1)), m.group(2))
+                shape = i.shape
+                self.num_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+                self.dtype = np.float16 if "float16" in i.type else np.float32
+        self.num_layers = len(self.past_names) // 2
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return {name: np.zeros(shape, self.dtype) for name in self.past_names}
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None = None,
+                cache: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """input_ids [B, S], attention_mask [B, P + S] -> (logits [B, S, V], new cache keyed by past_* names)."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        b, s = input_ids.shape
+        if cache is None:
+            cache = self.empty_cache(b)
+        if position_ids is None:
+            # Left padding: position = number of real tokens before this one.
+            position_ids = (np.cumsum(attention_mask, axis=1) - 1).clip(min=0)[:, -s:]
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, **cache}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        new_cache = {name: outputs[f"present.{i}.{kind}"] for name, (i, kind) in self.past_names.items()}
+        return outputs["logits"], new_cache
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...] = (),
+                 temperature: float = 0.0, seed: int = 0, times: StepTimes | None = None) -> list[int]:
+        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new token ids."""
+        rng = np.random.default_rng(seed)
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        cache, new = None, []
+        for step in range(max_new_tokens):
+            t0 = time.perf_counter()
+            logits, cache = self.forward(ids, mask, cache=cache)
+            nxt = _pick(logits[0, -1].astype(np.float32), temperature, rng)
+            if times is not None:
+                if step == 0:
+                    times.prefill_s = time.perf_counter() - t0
+                else:
+                    times.decode_s.append(time.perf_counter() - t0)
+            new.append(nxt)
+            if nxt in eos_token_ids:
+                break
+            ids = np.asarray([[nxt]], dtype=np.int64)
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        return new
+
+    def generation_config(self) -> dict:
+        path = self.model_dir / "generation_config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))

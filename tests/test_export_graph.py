@@ -1,0 +1,234 @@
+"""ONNX decoder graphs vs PyTorch on tiny models: every format, the KV cache, padding, GQA, biases, sliding window."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export_helpers import AdaptedSource, feed, linear_modules, tiny_model
+from qosora.errors import QosoraError
+from qosora.export.formats import ExportOptions
+from qosora.export.graph import build_decoder_graph
+from qosora.export.quantizers import dequantize_int4, quantize_int4
+from qosora.export.source import HFSource
+from qosora.run.decoder import session_options
+
+
+def _session(path) -> ort.InferenceSession:
+    so = session_options(1)
+    # ORT fuses trt-int4's DequantizeLinear -> MatMul into MatMulNBits with int8 activations (accuracy level 4)
+    # by default; level 0 keeps the activations in float so the graph can be compared exactly.
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(path), so)
+
+
+def _logits(sess, model, ids, **kw):
+    names = [o.name for o in sess.get_outputs()]
+    dtype = np.float16 if "float16" in sess.get_inputs()[3].type else np.float32
+    return dict(zip(names, sess.run(None, feed(model.config, ids, dtype=dtype, **kw))))
+
+
+def _torch_logits(model, ids, **kw) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), **kw).logits.double().numpy()
+
+
+def _ids(batch=2, seq=9, seed=1):
+    return np.random.default_rng(seed).integers(0, 128, size=(batch, seq))
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / np.abs(b).max())
+
+
+def _quantized_reference(model, opts: ExportOptions):
+    """The same model with every weight the int4 export quantizes replaced by deq(q(W)): the exact reference."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        if model.lm_head.weight is model.model.embed_tokens.weight and not (
+                opts.format == "int4" and opts.quantize_embedding):
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # head only
+        names = linear_modules(model) + (["lm_head"] if opts.quantize_lm_head else [])
+        if opts.format == "int4" and opts.quantize_embedding:
+            names.append("model.embed_tokens")
+        for m in names:
+            w = mods[m].weight.detach().float().numpy()
+            mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, opts.int4_scheme))))
+    return model
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", True)])
+def test_fp32_graph_matches_torch(tmp_path, arch, tied):
+    model = tiny_model(arch, tied=tied)
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path)
+    ids = _ids()
+    got = _logits(_session(result.model_path), model, ids)["logits"]
+    assert _rel(got, _torch_logits(model, ids)) < 1e-4
+    if arch == "qwen2":
+        assert result.op_counts["Add"] == 15 + 3 * 2  # llama has 15 Adds; plus q/k/v bias in 2 layers
+
+
+def test_rope_llama3_scaling_and_sliding_window(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = tiny_model("llama", rope_parameters=rope)
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path / "l3")
+    ids = _ids(seq=40)
+    assert _rel(_logits(_session(result.model_path), model, ids)["logits"], _torch_logits(model, ids)) < 1e-4
+
+    model = tiny_model("mistral", sliding_window=4)
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path / "sw")
+    ids = _ids(seq=12)
+    got = _logits(_session(result.model_path), model, ids)["logits"]
+    assert _rel(got, _torch_logits(model, ids)) < 1e-4
+    # The window matters on these inputs: without it, the last positions would differ.
+    full = tiny_model("mistral", sliding_window=None)
+    assert _rel(got, _torch_logits(full, ids)) > 1e-3
+
+
+def test_prefill_then_decode_equals_full_forward(tmp_path):
+    model = tiny_model("llama")
+    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path).model_path)
+    ids = _ids(seq=10)
+    full = _logits(sess, model, ids)["logits"]
+    out = _logits(sess, model, ids[:, :6])
+    steps = [out["logits"]]
+    for t in range(6, 10):
+        past = {f"past_key_values.{i}.{k}": out[f"present.{i}.{k}"] for i in range(2) for k in ("key", "value")}
+        out = _logits(sess, model, ids[:, t:t + 1], past=past, past_len=t)
+        steps.append(out["logits"])
+        assert out["present.0.key"].shape == (2, 2, t + 1, 16)
+    assert _rel(np.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_left_padding_matches_torch(tmp_path):
+    model = tiny_model("qwen2")
+    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path).model_path)
+    ids = _ids(seq=8)
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # row 0 is left-padded
+    pos = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    got = _logits(sess, model, ids, attention_mask=mask, position_ids=pos)["logits"]
+    ref = _torch_logits(model, ids, attention_mask=torch.from_numpy(mask), position_ids=torch.from_numpy(pos))
+    keep = mask.astype(bool)
+    assert _rel(got[keep], ref[keep]) < 1e-4
+
+
+@pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64)])
+def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
+    model = tiny_model("llama", tied=tied)
+    opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
+    result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
+    assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 7 + 1
+    assert result.op_counts["com.microsoft::GatherBlockQuantized"] == 1
+    ids = _ids()
+    original = _torch_logits(model, ids)
+    got = _logits(_session(result.model_path), model, ids)["logits"]
+    # Exactly the dequantized model (the packing, scales and zero points are read as we wrote them) ...
+    assert _rel(got, _torch_logits(_quantized_reference(model, opts), ids)) < 1e-4
+    # ... and the per-layer error the report gives is the error of what was written.
+    errs = [e["rel_error"] for e in result.layer_errors.values()]
+    assert 0.01 < max(errs) < 0.2
+    assert _rel(got, original) > 1e-3
+
+
+def test_trt_int4_is_standard_onnx_and_matches(tmp_path):
+    model = tiny_model("llama", tied=True)
+    opts = ExportOptions(format="trt-int4", block_size=32)
+    result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
+    proto = onnx.load(str(result.model_path))
+    assert {n.domain for n in proto.graph.node} <= {""}
+    assert {o.domain for o in proto.opset_import} == {""} and proto.opset_import[0].version >= 21
+    onnx.checker.check_model(str(result.model_path), full_check=True)
+    inferred = onnx.shape_inference.infer_shapes_path(str(result.model_path), str(tmp_path / "inferred.onnx"))
+    assert inferred is None
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 * 7 + 1
+    init = {t.name: t for t in proto.graph.initializer}
+    w = init[dq[0].input[0]]
+    assert w.data_type == onnx.TensorProto.INT4 and len(dq[0].input) == 2  # symmetric: no zero point
+    assert {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
+    ids = _ids()
+    got = _logits(_session(result.model_path), model, ids)["logits"]
+    opts_ref = ExportOptions(format="int4", block_size=32, quantize_embedding=False)
+    assert _rel(got, _torch_logits(_quantized_reference(model, opts_ref), ids)) < 1e-4
+
+
+def test_trt_int4_rejects_block_not_dividing_k(tmp_path):
+    model = tiny_model("llama", hidden_size=96, num_attention_heads=4, num_key_value_heads=2, intermediate_size=160)
+    with pytest.raises(QosoraError, match="block size to divide"):
+        build_decoder_graph(HFSource.from_model(model), ExportOptions(format="trt-int4", block_size=64), tmp_path)
+
+
+def test_fp16_graph_close_to_torch(tmp_path):
+    model = tiny_model("qwen2", tied=True)
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp16"), tmp_path)
+    ids = _ids()
+    out = _logits(_session(result.model_path), model, ids)
+    assert out["logits"].dtype == np.float16 and out["present.1.value"].dtype == np.float16
+    assert _rel(out["logits"], _torch_logits(model, ids)) < 5e-3
+
+
+def test_nf4_reproduces_the_trained_function(tmp_path):
+    model = tiny_model("llama")
+    src = AdaptedSource(model, rank=4)  # model now computes deq(NF4(W_res)) + B A
+    result = build_decoder_graph(src, ExportOptions(format="nf4"), tmp_path)
+    assert result.op_counts["com.microsoft::MatMulBnb4"] == 14
+    ids = _ids()
+    assert _rel(_logits(_session(result.model_path), model, ids)["logits"], _torch_logits(model, ids)) < 1e-4
+
+
+def test_keep_principal_reduces_requantization_error(tmp_path):
+    model = tiny_model("llama")
+    src = AdaptedSource(model, rank=8)
+    plain = build_decoder_graph(src, ExportOptions(format="int4", block_size=32), tmp_path / "plain")
+    kept = build_decoder_graph(src, ExportOptions(format="int4", block_size=32, keep_principal=True), tmp_path / "kept")
+    mods = linear_modules(model)
+    e_plain = np.mean([plain.layer_errors[m]["rel_error"] for m in mods])
+    e_kept = np.mean([kept.layer_errors[m]["rel_error"] for m in mods])
+    assert e_kept < 0.8 * e_plain
+    ids = _ids()
+    ref = _torch_logits(model, ids)
+    err_plain = _rel(_logits(_session(plain.model_path), model, ids)["logits"], ref)
+    err_kept = _rel(_logits(_session(kept.model_path), model, ids)["logits"], ref)
+    assert err_kept < err_plain
+
+
+def test_bitsandbytes_nf4_layout_is_what_matmulbnb4_reads():
+    """bnb packs [N, K] row-major, first weight in the high nibble, one absmax per 64 weights; MatMulBnb4 with
+    x = I_K must return deq(W)^T exactly."""
+    import bitsandbytes.functional as bnbf
+    from onnx import TensorProto, helper
+
+    n, k = 48, 128
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    deq = bnbf.dequantize_4bit(packed, st).numpy()
+    node = helper.make_node("MatMulBnb4", ["x", "b", "absmax"], ["y"], domain="com.microsoft",
+                            K=k, N=n, block_size=64, quant_type=1)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
+        initializer=[onnx.numpy_helper.from_array(packed.reshape(-1).numpy(), "b"),
+                     onnx.numpy_helper.from_array(st.absmax.numpy(), "absmax")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": np.eye(k, dtype=np.float32)})[0]
+    np.testing.assert_array_equal(y, deq.T)
+
+
+def test_unsupported_architecture_fails_clearly(tmp_path):
+    src = HFSource({"model_type": "gpt2", "hidden_size": 64}, {})
+    with pytest.raises(QosoraError, match="cannot export architecture 'gpt2'.*llama, mistral, qwen2"):
+        build_decoder_graph(src, ExportOptions(format="fp32"), tmp_path)
+
+
+def test_options_are_validated():
+    with pytest.raises(QosoraError, match="trt-int4 is symmetric"):
+        ExportOptions(format="trt-int4", int4_scheme="asym").validate()
+    with pytest.raises(QosoraError, match="keep-principal"):
+        ExportOptions(format="fp16", keep_principal=True).validate()
+    with pytest.raises(QosoraError, match="unknown --format"):
+        ExportOptions(format="int8").validate()
