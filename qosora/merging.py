@@ -1,0 +1,52 @@
+"""`qosora merge`: a plain Hugging Face checkpoint whose adapted weights are the function that was trained.
+
+    W_merged = deq(NF4(W_res)) + B A          (B A: the adapter's dense delta, fp32)
+
+Merging into the *original* 16-bit W, or requantizing a merged NF4 weight in place (PEFT's 4-bit merge), would
+change the function (peft#1080, #2105, #2321). Streamed: one module in fp32 at a time, shards flushed as they fill.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from qosora.architectures import layer_index
+from qosora.artifact import PreparedReader, atomic_directory, copy_side_files
+from qosora.checkpoint import SIDE_FILES, ShardedWriter
+from qosora.errors import QosoraError
+from qosora.nf4 import DTYPES
+
+
+def merge(
+    directory: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_bytes: int = 2 << 30,
+) -> Path:
+    """Write `out_dir`, loadable by `AutoModelForCausalLM.from_pretrained` with no qosora code."""
+    if dtype not in DTYPES:
+        raise QosoraError(f"unknown --dtype {dtype!r}: use float32, bfloat16 or float16")
+    torch_dtype = DTYPES[dtype]
+    reader = PreparedReader(directory)
+    modules = set(reader.modules)
+    names = sorted([*reader.base_names(), *(f"{m}.weight" for m in modules)], key=lambda n: (layer_index(n), n))
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, "model", max_shard_bytes)
+        for name in tqdm(names, desc="merge", unit="tensor", disable=not progress):
+            module = name[: -len(".weight")]
+            t = reader.merged_weight(module) if name.endswith(".weight") and module in modules else reader.base_tensor(name)
+            writer.add(name, t.to(torch_dtype) if t.is_floating_point() else t)
+        writer.close()
+        copy_side_files(reader.directory, tmp, SIDE_FILES)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return Path(out_dir)

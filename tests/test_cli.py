@@ -1,0 +1,126 @@
+"""The CLI: one-line errors naming problem and fix, non-zero exit, nothing left behind; JSON outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qosora.cli import main
+
+from conftest import build_tiny_model
+
+
+def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_clean_failure(rc, err, out_dir, *needles):
+    assert rc == 2
+    lines = [l for l in err.strip().splitlines() if l]
+    assert len(lines) == 1 and lines[0].startswith("qosora "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out_dir.exists()
+    assert not any(p.name.startswith(f".{out_dir.name}.tmp") for p in out_dir.parent.iterdir())
+
+
+@pytest.fixture
+def src(tmp_path):
+    build_tiny_model(tmp_path / "src", "llama")
+    return tmp_path / "src"
+
+
+def test_missing_model_dir(tmp_path, capsys):
+    rc, _, err = run_cli(["prepare", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", "does not exist")
+
+
+def test_pickled_weights_are_refused(src, tmp_path, capsys):
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    rc, _, err = run_cli(["prepare", str(src), "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", ".bin", "safe_serialization")
+
+
+def test_corrupt_safetensors(src, tmp_path, capsys):
+    (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    rc, _, err = run_cli(["prepare", str(src), "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", "not a valid safetensors file")
+
+
+def test_rank_too_large(src, tmp_path, capsys):
+    rc, _, err = run_cli(["prepare", str(src), "--rank", "65", "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", "rank 65 is too large", "--rank <= 64")
+
+
+def test_unknown_target(src, tmp_path, capsys):
+    rc, _, err = run_cli(["prepare", str(src), "--targets", "q,attn", "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", "unknown target 'attn'")
+
+
+def test_unknown_method_is_an_argparse_error(src, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", str(src), "--method", "dora", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "invalid choice: 'dora'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
+                    ).save_pretrained(tmp_path / "gpt2")
+    rc, _, err = run_cli(["prepare", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "o", "unsupported architecture 'gpt2'", "llama")
+
+
+def test_existing_output_is_not_overwritten(src, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    rc, _, err = run_cli(["prepare", str(src), "--rank", "4", "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--overwrite" in err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+
+
+def test_merge_of_a_non_qosora_dir(src, tmp_path, capsys):
+    rc, _, err = run_cli(["merge", str(src), "--out", str(tmp_path / "m")], capsys)
+    assert_clean_failure(rc, err, tmp_path / "m", "qosora_config.json missing", "qosora prepare")
+
+
+def test_prepare_json_inspect_and_merge(src, tmp_path, capsys):
+    rc, out, _ = run_cli(["prepare", str(src), "--rank", "4", "--method", "pissa", "--out", str(tmp_path / "p"),
+                          "--json"], capsys)
+    assert rc == 0
+    report = json.loads(out)
+    for key in ("method", "rank", "layers", "trainable_params", "frozen_params", "mean_rel_error",
+                "mean_rel_error_plain_nf4", "seconds"):
+        assert key in report
+    assert report["method"] == "pissa" and report["layers"] == 14
+    assert report["mean_rel_error"] < report["mean_rel_error_plain_nf4"]
+
+    rc, out, _ = run_cli(["inspect", str(tmp_path / "p"), "--json", "--plot", str(tmp_path / "s.png")], capsys)
+    info = json.loads(out)
+    assert rc == 0 and info["layers"] == 14 and info["trainable_params"] == report["trainable_params"]
+    assert set(info["by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    rc, out, _ = run_cli(["inspect", str(tmp_path / "p")], capsys)
+    assert "down_proj" in out and "reduction" in out
+
+    rc, out, _ = run_cli(["merge", str(tmp_path / "p"), "--out", str(tmp_path / "m"), "--json"], capsys)
+    assert rc == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_help_shows_an_example():
+    out = subprocess.run([sys.executable, "-m", "qosora", "prepare", "--help"], capture_output=True, text=True).stdout
+    assert "example:" in out and "qosora prepare" in out
+
+
+def test_import_stays_light():
+    code = ("import sys, qosora; heavy = [m for m in ('torch', 'bitsandbytes', 'onnx', 'onnxruntime', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
