@@ -1,0 +1,148 @@
+"""The training loop on a tiny Llama: loss goes down, gradients reach exactly the declared factors, SORSA's
+regularizer holds orthonormality, OSoRA/PiSSA train without it, the output is a loadable prepared directory."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from qosora.config import PrepareConfig, QuantConfig
+from qosora.train.loop import TrainConfig, finetune
+from test_train_data import char_tokenizer, write_jsonl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on 2 shared cores extra OpenMP threads only wait for each other.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A 2-layer GQA Llama with random weights and the char tokenizer, saved as a HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def make_prepared(tmp: Path, method: str, rank: int = 8, quant: str = "nf4") -> Path:
+    from qosora.preparation import prepare
+
+    src = tmp / "hf"
+    if not (src / "config.json").is_file():
+        make_tiny_model(src)
+    out = tmp / f"prep-{method}-{quant}"
+    prepare(src, out, PrepareConfig(method=method, rank=rank, quant=QuantConfig(quant_type=quant)), progress=False)
+    return out
+
+
+def reversal_data(path: Path, n: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
+        rows.append({"prompt": f"{word}|", "completion": word[::-1]})
+    return write_jsonl(path, rows)
+
+
+def run(tmp: Path, prepared: Path, name: str, **kw):
+    cfg = dict(data=str(reversal_data(tmp / "data.jsonl")), out=str(tmp / name), steps=30, lr=3e-3, batch_size=8,
+               seq_len=32)
+    cfg.update(kw)
+    return finetune(prepared, TrainConfig(**cfg), progress=False)
+
+
+@pytest.mark.parametrize("method", ["sorsa", "osora", "pissa"])
+def test_loss_goes_down_and_output_is_a_trained_directory(tmp_path, method):
+    from qosora.artifact import PreparedReader, load
+
+    prepared = make_prepared(tmp_path, method)
+    lr = 1e-1 if method == "osora" else 3e-3
+    res = run(tmp_path, prepared, "run", lr=lr, eval_fraction=0.2)
+    assert res.steps == 30
+    assert res.final_eval_loss < res.initial_eval_loss - 0.3, res
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert {"lr", "tokens_per_s", "grad_norm"} <= set(train[0])
+    assert ("orthonormality" in train[0]) == (method == "sorsa")
+    assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    # OUT is a prepared-format directory holding the trained factors; the frozen files are unchanged.
+    out = PreparedReader(tmp_path / "run")
+    before = PreparedReader(prepared)
+    assert out.config.trained_steps == 30
+    m = out.modules[0]
+    assert torch.equal(out.residual_dense(m), before.residual_dense(m))
+    trainable = out.spec.trainable
+    for f in out.spec.factors:
+        changed = not torch.equal(out.factors(m)[f], before.factors(m)[f])
+        assert changed == (f in trainable), f
+    load(tmp_path / "run")  # loads as a model
+
+
+@pytest.mark.parametrize("method", ["sorsa", "osora", "pissa", "qlora"])
+def test_gradients_reach_exactly_the_declared_parameters(tmp_path, method):
+    from qosora.artifact import load
+    from qosora.layer import adapter_layers
+    from qosora.train.data import collate, encode
+    from qosora.train.loop import trainable_parameters
+    from qosora.train.loss import causal_lm_loss
+
+    model = load(make_prepared(tmp_path, method))
+    named = trainable_parameters(model)
+    declared = {id(p) for l in adapter_layers(model).values() for p in l.adapter_params().values()}
+    assert {id(p) for p in named.values()} == declared and len(declared) == 14 * len(
+        {"sorsa": "USV", "osora": "SO", "pissa": "AB", "qlora": "AB"}[method])
+    tok = char_tokenizer()
+    batch = collate([encode({"prompt": "abc|", "completion": "cba"}, tok)] * 2, pad_id=0)
+    loss, n = causal_lm_loss(model, batch)
+    (loss / n).backward()
+    for name, p in model.named_parameters():
+        if id(p) in declared:
+            assert p.grad is not None, name
+            # QLoRA starts at B = 0, so A's first gradient is exactly zero.
+            assert p.grad.abs().sum() > 0 or (method == "qlora" and name.endswith(".A")), name
+            assert p.dtype == torch.float32  # fp32 master weights while training
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    # The NF4 residual is no parameter at all.
+    assert all("residual" not in n for n, _ in model.named_parameters())
+
+
+def test_sorsa_regularizer_keeps_orthonormality(tmp_path):
+    prepared = make_prepared(tmp_path, "sorsa")
+    kept = run(tmp_path, prepared, "reg", lr=1e-2, gamma=1e-3)
+    drift = run(tmp_path, prepared, "noreg", lr=1e-2, gamma=0.0)
+    assert drift.orthonormality > 0.2, drift
+    assert kept.orthonormality < drift.orthonormality / 5, (kept, drift)
+
+
+def test_train_cli_prepares_on_the_fly_and_refuses_to_clobber(tmp_path, capsys):
+    from qosora.cli import main
+
+    make_tiny_model(tmp_path / "hf")
+    data = reversal_data(tmp_path / "d.jsonl", n=16)
+    args = ["train", str(tmp_path / "hf"), "--method", "pissa", "--rank", "4", "--data", str(data),
+            "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 3 and result["method"] == "pissa"
+    assert (tmp_path / "run" / "prepared" / "qosora_config.json").is_file()
+    assert (tmp_path / "run" / "qosora_config.json").is_file()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "--method and --rank" in capsys.readouterr().err
