@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from qosora.errors import QosoraError
@@ -25,8 +25,32 @@ SIDE_FILES = (
 )
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header of `path` and the byte offset where tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < (100 << 20):
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return header, 8 + n
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
+
+
 class CheckpointReader:
-    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in `directory/prefix*`."""
+    """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in `directory/prefix*`.
+
+    Tensors are read with plain positioned reads, not a memory map: a mapped 15 GB checkpoint would count its
+    touched pages in the process's resident memory until unmapped, and streaming is the point here.
+    """
 
     def __init__(self, directory: str | Path, prefix: str = "model"):
         self.directory = Path(directory)
@@ -36,12 +60,12 @@ class CheckpointReader:
         single = self.directory / f"{prefix}.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as e:
                 raise QosoraError(f"{index} is corrupt ({e}): re-download or re-save the model") from None
-            self.files = {name: self.directory / f for name, f in weight_map.items()}
+            paths = [self.directory / f for f in files]
         elif single.is_file():
-            self.files = {name: single for name in self._keys(single)}
+            paths = [single]
         else:
             if any(self.directory.glob("*.bin")) or any(self.directory.glob("*.pt")):
                 raise QosoraError(
@@ -49,43 +73,42 @@ class CheckpointReader:
                     "`AutoModelForCausalLM.from_pretrained(d).save_pretrained(d, safe_serialization=True)`"
                 )
             raise QosoraError(f"no {prefix}.safetensors (or sharded index) in {self.directory}: not a safetensors checkpoint")
-        self._handles: dict[Path, object] = {}
-
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        try:
-            with safe_open(path, framework="pt") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
-
-    def names(self) -> list[str]:
-        return list(self.files)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._handles:
+        # name -> (path, dtype, shape, absolute start, absolute end)
+        self._entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        for path in paths:
             if not path.is_file():
                 raise QosoraError(f"shard {path} listed in the index is missing: re-download the model")
-            try:
-                self._handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
-        return self._handles[path]
+            header, base = read_header(path)
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                self._entries[name] = (path, info["dtype"], tuple(info["shape"]), base + start, base + end)
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._entries[name][2]
+
+    def get(self, name: str) -> torch.Tensor:
+        path, dtype, shape, start, end = self._entries[name]
+        if dtype not in _DTYPES:
+            raise QosoraError(f"{path}: tensor {name} has dtype {dtype}, which qosora does not read")
+        buf = bytearray(end - start)
+        with open(path, "rb") as f:
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise QosoraError(f"{path} is truncated (tensor {name}): re-download or re-save it")
+        if not buf:
+            return torch.empty(shape, dtype=_DTYPES[dtype])
+        return torch.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape)
 
     def fingerprint(self) -> str:
         """sha256 over every shard's name, size and safetensors header: cheap, and changes when the weights do."""
         h = hashlib.sha256()
-        for path in sorted(set(self.files.values())):
+        for path in sorted({e[0] for e in self._entries.values()}):
             h.update(path.name.encode())
             h.update(str(path.stat().st_size).encode())
             with open(path, "rb") as f:
