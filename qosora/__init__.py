@@ -26,6 +26,9 @@ _API = {
     "adapter_layers": ("qosora.layer", "adapter_layers"),
     "SVDAdapterLinear": ("qosora.layer", "SVDAdapterLinear"),
     "QosoraError": ("qosora.errors", "QosoraError"),
+    "finetune": ("qosora.train.loop", "finetune"),
+    "evaluate": ("qosora.train.evaluate", "evaluate"),
+    "plan": ("qosora.train.plan", "plan"),
 }
 
 __all__ = sorted(_API) + ["__version__"]
