@@ -27,7 +27,7 @@ def merge(
     *,
     overwrite: bool = False,
     progress: bool = True,
-    max_shard_bytes: int = 2 << 30,
+    max_shard_bytes: int = 512 << 20,
 ) -> Path:
     """Write `out_dir`, loadable by `AutoModelForCausalLM.from_pretrained` with no qosora code."""
     if dtype not in DTYPES:

@@ -130,7 +130,7 @@ def prepare(
     device: str | torch.device | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    max_shard_bytes: int = 1 << 30,
+    max_shard_bytes: int = 512 << 20,
 ) -> PrepareReport:
     """Split every targeted linear of the checkpoint in `model_dir` and write a prepared directory to `out_dir`.
 
