@@ -1,0 +1,265 @@
+"""Benchmark the ONNX export on SmolLM2-135M (prepared rank 64): fidelity, speed, export cost. Prints tables, writes JSON.
+
+    flock /tmp/qosora-heavy.lock env OMP_WAIT_POLICY=PASSIVE python tools/bench_export.py --out bench_export.json
+
+What it measures, every figure against an anchor from the same run:
+  1. Perplexity on held-out text (GSM8K train questions+answers if ../shared/data is there, else built-in prompts)
+     of the trained PyTorch model (qosora.load), our fp32 graph, our int4 (linears only, same block size) vs
+     onnxruntime's own int4 quantizers (matmul_nbits_quantizer: RTN symmetric, RTN asymmetric, HQQ) applied to our
+     fp32 graph, and our --keep-principal.
+  2. Greedy agreement over 64 new tokens on 5 prompts: nf4 (and int4) vs the PyTorch model.
+  3. Decode tokens/s and prefill ms (64-token prompt, 128 new tokens, batch 1, 1 and 2 threads, median of runs
+     alternated between variants): fp32 vs our int4 (+ int4 lm_head/embedding) vs ORT-quantized int4.
+  4. Export wall time and peak RSS (each export in its own process) vs the fp32 checkpoint size, and
+     fp32 export + ORT quantizer time.
+Caveat: SmolLM2's weights in this fixture went through GGUF Q4_1 once; compare methods on the same weights only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_timed(cmd: list[str]) -> tuple[float, float, str]:
+    """Run cmd; return (wall s, peak RSS MB of that process, stdout)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode})")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, out
+
+
+def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss, stdout = run_timed([sys.executable, "-m", "qosora", "export", str(src), "--onnx", str(out),
+                                   "--format", fmt, "--no-check", "--json", *extra])
+    report = json.loads(stdout)
+    return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
+            "onnx_mb": round(report["graph"]["onnx_bytes"] / 2**20, 1),
+            "mean_rel_error": report["requantization"]["mean_rel_error"]}
+
+
+def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int) -> dict:
+    """onnxruntime's MatMulNBits quantizer on our fp32 graph (the MatMuls with constant weights)."""
+    code = f"""
+import shutil, sys
+from pathlib import Path
+from onnxruntime.quantization import matmul_nbits_quantizer as mq
+src, out = Path({str(fp32_dir)!r}), Path({str(out)!r})
+shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+kind, bs = {kind!r}, {block_size}
+if kind == "hqq":
+    cfg = mq.HQQWeightOnlyQuantConfig(block_size=bs, bits=4)
+else:
+    cfg = mq.DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=(kind == "rtn-sym"))
+q = mq.MatMulNBitsQuantizer(str(src / "model.onnx"), block_size=bs, is_symmetric=(kind == "rtn-sym"), algo_config=cfg)
+q.process()
+q.model.save_model_to_file(str(out / "model.onnx"), True)
+for f in src.iterdir():
+    if not f.name.startswith("model.onnx"):
+        shutil.copy2(f, out / f.name)
+"""
+    wall, rss, _ = run_timed([sys.executable, "-c", code])
+    return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
+            "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
+
+
+def eval_tokens(src: Path, n_tokens: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    data = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if data.is_file():
+        texts = []
+        for line in data.read_text().splitlines()[-200:]:  # the tail: not what a demo fine-tune starts with
+            row = json.loads(line)
+            texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}\n\n")
+        text = "".join(texts)
+    else:
+        from qosora.export.check import DEFAULT_PROMPTS
+
+        text = "\n\n".join(DEFAULT_PROMPTS) * 20
+    return tok.encode(text).ids[:n_tokens]
+
+
+def onnx_ppl(model_dir: Path, ids: list[int], chunk: int) -> float:
+    from qosora.run import OnnxCausalLM
+
+    lm = OnnxCausalLM(model_dir)
+    nll, n = 0.0, 0
+    for s in range(0, len(ids) - 1, chunk):
+        c = ids[s:s + chunk + 1]
+        logits, _ = lm.forward(np.asarray([c[:-1]]), np.ones((1, len(c) - 1), np.int64))
+        lp = logits[0].astype(np.float64)
+        lp = lp - lp.max(-1, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+        nll -= lp[np.arange(len(c) - 1), c[1:]].sum()
+        n += len(c) - 1
+    return math.exp(nll / n)
+
+
+def torch_ppl(model, ids: list[int], chunk: int) -> float:
+    import torch
+
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, chunk):
+            c = torch.tensor([ids[s:s + chunk + 1]])
+            logits = model(input_ids=c[:, :-1]).logits[0].double()
+            nll += torch.nn.functional.cross_entropy(logits, c[0, 1:], reduction="sum").item()
+            n += c.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def decode_speed(model_dir: Path, threads: int, prompt: list[int], new_tokens: int) -> dict:
+    """Run in a fresh process so sessions do not share thread pools; returns prefill ms and decode tok/s."""
+    code = f"""
+import json, sys
+from qosora.run.decoder import OnnxCausalLM, StepTimes
+lm = OnnxCausalLM({str(model_dir)!r}, threads={threads})
+lm.generate({prompt[:8]!r}, 4)  # warm-up
+t = StepTimes()
+lm.generate({prompt!r}, {new_tokens}, times=t)
+print(json.dumps({{"prefill_ms": t.prefill_s * 1e3, "decode_tps": t.decode_tokens_per_s, "torch": "torch" in sys.modules}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=None, help="prepared dir (default: prepare SmolLM2 rank 64 in --work)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/qosora-bench-export"))
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--ppl-tokens", type=int, default=4096)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench_export.json"))
+    args = ap.parse_args()
+
+    import torch
+
+    import qosora
+    from qosora.export.check import parity_check, prompt_token_ids
+    from qosora.fixtures import smollm2_dir
+
+    torch.set_num_threads(1)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    hf = smollm2_dir()
+    src = args.src or work / "prepared-r64"
+    results: dict = {"source": str(src), "block_size": args.block_size, "machine_cores": os.cpu_count()}
+    if not (src / "qosora_config.json").is_file():
+        wall, rss, _ = run_timed([sys.executable, "-m", "qosora", "prepare", str(hf), "--rank", "64",
+                                  "--out", str(src), "--overwrite", "--json"])
+        results["prepare"] = {"wall_s": round(wall, 1), "peak_rss_mb": round(rss, 1)}
+    ckpt_mb = sum(f.stat().st_size for f in hf.glob("*.safetensors")) / 2**20
+    results["fp32_checkpoint_mb"] = round(ckpt_mb, 1)
+    bs = str(args.block_size)
+
+    # -- 1. exports -----------------------------------------------------------------------------------------
+    print("exporting ...", file=sys.stderr)
+    ex = {
+        "fp32": export(src, work / "fp32", "fp32"),
+        "int4": export(src, work / "int4", "int4", "--block-size", bs),
+        "int4-acc4": export(src, work / "int4-acc4", "int4", "--block-size", bs, "--accuracy-level", "4"),
+        "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs,
+                               "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "int4-linears-asym": export(src, work / "int4-linears-asym", "int4", "--block-size", bs, "--int4-scheme",
+                                    "asym", "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "int4-linears-sym7": export(src, work / "int4-linears-sym7", "int4", "--block-size", bs, "--int4-scheme",
+                                    "sym", "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal",
+                                      "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "nf4": export(src, work / "nf4", "nf4"),
+        "trt-int4": export(src, work / "trt-int4", "trt-int4", "--block-size", bs),
+    }
+    for kind in ("rtn-sym", "rtn-asym", "hqq"):
+        ex[f"ort-{kind}"] = ort_quantize(work / "fp32", work / f"ort-{kind}", kind, args.block_size)
+    results["exports"] = ex
+
+    # -- 2. perplexity --------------------------------------------------------------------------------------
+    print("perplexity ...", file=sys.stderr)
+    model = qosora.load(src, dtype=torch.float32).eval()
+    ids = eval_tokens(hf, args.ppl_tokens)
+    ppl = {"torch (qosora.load)": torch_ppl(model, ids, args.chunk)}
+    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-sym7", "ort-rtn-sym", "ort-rtn-asym",
+                 "ort-hqq", "int4-keep-principal", "int4", "int4-acc4", "nf4", "trt-int4"):
+        ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
+    base = ppl["torch (qosora.load)"]
+    results["perplexity"] = {"tokens": len(ids), "values": ppl, "increase": {k: v - base for k, v in ppl.items()}}
+
+    # -- 3. greedy agreement --------------------------------------------------------------------------------
+    print("greedy agreement ...", file=sys.stderr)
+    prompts = prompt_token_ids(hf)
+    results["greedy_64"] = {}
+    for name in ("nf4", "int4", "int4-keep-principal", "fp32"):
+        s = parity_check(Path(ex[name]["dir"]), model, prompts, new_tokens=64)["summary"]
+        results["greedy_64"][name] = {k: s[k] for k in ("greedy_agree_tokens", "greedy_total_tokens",
+                                                          "greedy_all_equal", "kl_mean", "top1_agreement")}
+    del model
+
+    # -- 4. speed -------------------------------------------------------------------------------------------
+    if not args.skip_speed:
+        print("speed ...", file=sys.stderr)
+        prompt = (ids * 2)[:64]
+        names = ["fp32", "int4", "int4-acc4", "ort-rtn-asym", "trt-int4", "nf4"]
+        speed: dict = {}
+        for threads in [int(t) for t in args.threads.split(",")]:
+            runs: dict[str, list] = {n: [] for n in names}
+            for _ in range(args.repeats):  # alternate variants inside each repeat
+                for n in names:
+                    runs[n].append(decode_speed(Path(ex[n]["dir"]), threads, prompt, args.new_tokens))
+            speed[threads] = {n: {"decode_tps": statistics.median(r["decode_tps"] for r in rs),
+                                  "prefill_ms": statistics.median(r["prefill_ms"] for r in rs),
+                                  "torch_imported": any(r["torch"] for r in rs)} for n, rs in runs.items()}
+            for n in names:
+                speed[threads][n]["decode_vs_fp32"] = speed[threads][n]["decode_tps"] / speed[threads]["fp32"]["decode_tps"]
+        results["speed"] = speed
+
+    args.out.write_text(json.dumps(results, indent=2))
+    print_tables(results)
+    return 0
+
+
+def print_tables(r: dict) -> None:
+    print(f"\nSmolLM2-135M prepared rank 64 ({r['source']}), block size {r['block_size']}")
+    print("\nexport            wall s   peak RSS MB   ONNX MB   mean rel. requant error")
+    for k, v in r["exports"].items():
+        print(f"  {k:<20} {v['wall_s']:>6.1f}   {v['peak_rss_mb']:>9.0f}   {v['onnx_mb']:>7.1f}   "
+              f"{v.get('mean_rel_error', float('nan')):.4f}")
+    print(f"  fp32 checkpoint: {r['fp32_checkpoint_mb']:.0f} MB")
+    p = r["perplexity"]
+    print(f"\nperplexity on {p['tokens']} tokens          ppl      increase vs PyTorch")
+    for k, v in p["values"].items():
+        print(f"  {k:<28} {v:>8.3f}   {p['increase'][k]:+.3f}")
+    print("\ngreedy agreement, 64 new tokens x 5 prompts")
+    for k, v in r["greedy_64"].items():
+        print(f"  {k:<22} {v['greedy_agree_tokens']:>3}/{v['greedy_total_tokens']}   KL {v['kl_mean']:.2e}")
+    for threads, rows in r.get("speed", {}).items():
+        print(f"\ndecode speed, {threads} thread(s)      tok/s   x fp32   prefill ms (64 tok)")
+        for k, v in rows.items():
+            print(f"  {k:<22} {v['decode_tps']:>7.1f}   {v['decode_vs_fp32']:>5.2f}   {v['prefill_ms']:>8.1f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
