@@ -10,7 +10,7 @@ import sys
 from qosora import __version__
 from qosora.errors import QosoraError
 
-COMMANDS = ["prepare", "train", "merge", "export", "generate", "eval", "plan", "inspect"]
+COMMANDS = ["demo", "prepare", "train", "merge", "export", "generate", "eval", "plan", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,7 @@ def child_peft(model: str, out: str, rank: int) -> dict:
     base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     cfg = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights="pissa_niter_4", lora_dropout=0.0)
     peft_model = get_peft_model(base, cfg)
+    peft_model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: reload without re-running PiSSA
     peft_model.save_pretrained(out / "adapter")
     residual = peft_model.unload()
     residual.save_pretrained(out / "residual")
