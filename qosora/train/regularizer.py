@@ -10,7 +10,8 @@ and then the optimizer steps. Scaling by the *initial* learning rate keeps the r
 the lr schedule's value at init (gamma = 4e-4 with lr0 = 3e-5 in the paper's Llama-2-7B run). gamma = 0 turns it
 off. Only methods whose spec says `orthonormal_regularizer` (SORSA) have it; OSoRA and PiSSA train without it.
 
-The gradient is computed layer by layer, so it never holds more than one layer's r x r Gram matrices.
+All layers go through one autograd call (one small graph of r x r Gram matrices per layer): a call per layer
+cost ~1 ms each, 0.2 s a step on SmolLM2's 210 adapted linears.
 """
 
 from __future__ import annotations
@@ -36,19 +37,17 @@ def add_regularizer_grad(layers: dict[str, SVDAdapterLinear], gamma: float, lr0:
     regs = regularized_layers(layers)
     if not regs:
         return 0.0
-    scale = gamma / lr0 / len(regs)  # the mean over layers
-    total = 0.0
-    for layer in regs:
-        with torch.enable_grad():
-            value = layer.orthonormality()
-            if gamma > 0:
-                gU, gVh = torch.autograd.grad(value, [layer.U, layer.Vh])
-        if gamma > 0:
-            for p, g in ((layer.U, gU), (layer.Vh, gVh)):
-                g = g.to(p.dtype) * scale
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-        total += float(value.detach())
-    return total / len(regs)
+    if gamma == 0:
+        return orthonormality(layers)
+    factors = [p for l in regs for p in (l.U, l.Vh)]
+    with torch.enable_grad():
+        value = torch.stack([l.orthonormality() for l in regs]).mean()
+        grads = torch.autograd.grad(value, factors)
+    scale = gamma / lr0
+    for p, g in zip(factors, grads):
+        g = g.to(p.dtype) * scale
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+    return float(value.detach())
