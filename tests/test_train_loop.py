@@ -146,3 +146,22 @@ def test_train_cli_prepares_on_the_fly_and_refuses_to_clobber(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "--method and --rank" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_and_full_logits_do_not_change_training(tmp_path):
+    prepared = make_prepared(tmp_path, "sorsa")
+    ref = run(tmp_path, prepared, "ref", steps=4, bf16=False)
+    ckpt = run(tmp_path, prepared, "ckpt", steps=4, bf16=False, gradient_checkpointing=True)
+    full = run(tmp_path, prepared, "full", steps=4, bf16=False, chunked_loss=False)
+    losses = lambda d: [json.loads(l)["loss"] for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("ckpt") == pytest.approx(losses("ref"), rel=1e-5)
+    assert losses("full") == pytest.approx(losses("ref"), rel=1e-4)
+    assert ref.final_loss < ref.first_loss
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+    from qosora.errors import QosoraError
+
+    prepared = make_prepared(tmp_path, "pissa")
+    with pytest.raises(QosoraError, match="lower --lr"):
+        run(tmp_path, prepared, "nan", steps=5, lr=1e30, max_grad_norm=1e30)

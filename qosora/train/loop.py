@@ -282,9 +282,9 @@ def finetune(
     config = config.validate()
     info = distributed.init()
     out = Path(config.out)
+    if out.exists() and not resume and (out / TRAIN_CONFIG).is_file():  # every rank checks, none waits forever
+        raise QosoraError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
     if info.is_main:
-        if out.exists() and not resume and (out / TRAIN_CONFIG).is_file():
-            raise QosoraError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
     distributed.barrier(info)
     prepared = resolve_prepared(model_dir, out, prepare_config, info, progress and info.is_main)
@@ -301,7 +301,10 @@ def finetune(
     params = list(named.values())
     layers = adapter_layers(model)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
 
@@ -341,7 +344,7 @@ def finetune(
             print(f"qosora train: no checkpoint in {out}: starting from step 0")
     if info.is_main:
         (out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=1))
-    metrics = MetricsLog(out / METRICS, start_step if resume else None, info.is_main)
+    metrics = MetricsLog(out / METRICS, start_step if resumed_from else None, info.is_main)
 
     def evaluate_now(step: int) -> float | None:
         if not eval_ex:
@@ -386,6 +389,9 @@ def finetune(
         run_tokens, run_seconds = run_tokens + n_input, run_seconds + dt
         tokens_seen += n_input
         final_loss = loss_sum / max(1, n_global)
+        if not math.isfinite(final_loss):
+            raise QosoraError(f"the loss became {final_loss} at step {step + 1}: start a new run with a lower --lr "
+                              f"(now {config.lr:g})")
         first_loss = final_loss if first_loss is None else first_loss
         row = {"step": step + 1, "loss": final_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_input / dt,
                "epoch": order.epoch_of(step + 1)}
