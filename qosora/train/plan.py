@@ -15,6 +15,8 @@ V vocabulary, P trainable factor parameters, F frozen factor parameters, W adapt
 | logits_loss      | chunked: 10 * c * V; full: 14 * N * V   | c = 2^25 / V rows; full = bf16 logits, fp32 copy, softmax, its gradient |
 | runtime          | CUDA context, or the CPU process baseline (torch + transformers imported) | |
 
+On CPU (`device="cpu"`, peak RSS) activations are scaled by CPU_ACTIVATION_OVERHEAD (measured, see below).
+
 `a(h, i, r)` counts the tensors autograd saves per token in one Llama decoder layer under bf16 autocast
 (2 RMSNorms with their fp32 upcasts, q/k/v/o inputs and the adapter's bf16 input copies, SDPA's q, k, v, out,
 SwiGLU's gate, up, act, product). It was checked against a measured SmolLM2 peak: `tools/bench_train.py`.
@@ -35,6 +37,10 @@ KNOWN_MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b")
 CUDA_CONTEXT_BYTES = 500 * (1 << 20)       # CUDA context + cuBLAS workspace, outside torch's allocator
 CPU_PROCESS_BYTES = 400 * (1 << 20)        # RSS of python + torch + transformers + bitsandbytes, measured here
 CHUNK_ELEMENTS = 1 << 25                   # qosora.train.loss.CHUNK_ELEMENTS
+# On CPU the decoder's forward grew RSS by 1.5x the bytes autograd saves (SmolLM2, seq 256 x 4: 1.20 GB vs
+# 0.80 GB counted by saved_tensors_hooks): glibc keeps freed transients (dequantized NF4 weights, fp32 norm
+# temporaries) in its arenas. CUDA's caching allocator reuses them; no factor there.
+CPU_ACTIVATION_OVERHEAD = 1.5
 
 
 @dataclass(frozen=True)
@@ -123,19 +129,29 @@ class PlanReport:
 
 
 def _layer_activation_bytes(m: ModelDims, r: int, method: str, targets: tuple[str, ...], fp32_factors: bool) -> int:
-    """Bytes autograd keeps per token in one decoder layer (bf16 autocast, SDPA attention)."""
+    """Bytes autograd keeps per token in one decoder layer (bf16 autocast, SDPA attention).
+
+    Counted from what each op saves for its backward, and checked with `saved_tensors_hooks` on a SmolLM2-shaped
+    layer (SORSA r=16: 27.4 KB counted vs 27.9 KB measured; OSoRA 27.7 vs 27.8). bitsandbytes' 4-bit matmul
+    saves no input (the residual is frozen); a frozen factor saves none either (OSoRA's Vh, U).
+    """
     h, i = m.hidden_size, m.intermediate_size
-    q, kv = m.num_attention_heads * m.hd, m.num_key_value_heads * m.hd
+    q, kv, nh = m.num_attention_heads * m.hd, m.num_key_value_heads * m.hd, m.num_attention_heads
     shapes = m.linear_shapes()
-    total = 2 * (4 * h + 2 * h + 2 * h)              # 2 RMSNorms: fp32 input, normalised bf16, weighted output
-    total += 2 * q + 2 * q + 2 * q + 2 * q           # SDPA: q, k and v repeated to all heads, output
-    total += 2 * q                                   # o_proj input (contiguous copy of the attention output)
-    total += 4 * 2 * i + 2 * i                       # SwiGLU: gate, up, silu(gate), product (= down input) ...
-    for name in targets:
-        d_out, d_in = shapes[name]
-        # The adapter casts its input to the fp32 factors' dtype and autocast back to bf16: one bf16 copy saved,
-        # plus the rank-r intermediates (and OSoRA's per-channel scale saves its d_out input).
-        total += (2 * d_in if fp32_factors else 0) + 8 * r + (2 * d_out if method == "osora" else 0)
+    total = 2 * 4 * h                                # 2 RMSNorms: their fp32 upcast input
+    total += 2 * q + 2 * kv + 2 * kv + 2 * q + 4 * nh  # SDPA: q, k, v, output, logsumexp
+    total += 3 * 2 * i                               # SwiGLU: gate, silu(gate), up
+    first_trainable = METHOD_SPECS[method].factors[0] in METHOD_SPECS[method].trainable
+    if first_trainable and fp32_factors:
+        # The adapter casts its input to the fp32 factors and autocast casts it back: one bf16 copy per linear.
+        total += sum(2 * shapes[t][1] for t in targets)
+    elif first_trainable:
+        inputs = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+                  "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}  # shared inputs saved once
+        total += sum(2 * shapes[t][1] for t in {inputs[t]: t for t in targets}.values())
+    if method == "osora":
+        total += sum(2 * shapes[t][0] for t in targets)  # O * (...) saves its d_out input
+    total += 4 * r * len(targets)                    # rank-r intermediates
     return total
 
 
@@ -176,6 +192,8 @@ def plan(model: ModelDims | str, method: str = "sorsa", rank: int = 64, seq_len:
     else:
         activations = L * N * per_layer
     activations += N * 2 * h * 2                      # embedding output and final norm
+    if device == "cpu":
+        activations = int(activations * CPU_ACTIVATION_OVERHEAD)
     if chunked_loss:
         rows = min(N, max(16, CHUNK_ELEMENTS // V))
         logits = 10 * rows * V + N * h * 2 * 2        # bf16 chunk, fp32 copy, exp temporaries; labelled hidden states
