@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +44,9 @@ def read_header(path: Path) -> tuple[dict, int]:
         return header, 8 + n
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
+
+
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class CheckpointReader:
@@ -118,30 +122,50 @@ class CheckpointReader:
 
 
 class ShardedWriter:
-    """Write tensors into `directory/prefix*.safetensors`, flushing a shard every `max_shard_bytes`."""
+    """Write tensors into `directory/prefix*.safetensors` as they come, holding none of them in memory.
+
+    Each tensor's bytes go straight to a shard's data file; when the shard reaches `max_shard_bytes` (or at
+    `close`), the safetensors header (names, dtypes, shapes, offsets) is written and the data streamed after it.
+    """
 
     def __init__(self, directory: str | Path, prefix: str, max_shard_bytes: int = 1 << 30):
         self.directory = Path(directory)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._data = None  # open data file of the current shard
+        self._header: dict[str, dict] = {}
+        self._offset = 0
         self._shards: list[tuple[str, list[str]]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach().contiguous().cpu()
-        self._pending[name] = t
-        self._pending_bytes += t.numel() * t.element_size()
-        if self._pending_bytes >= self.max_shard_bytes:
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"cannot write {name}: dtype {t.dtype}")
+        if self._data is None:
+            self._data = open(self.directory / f".{self.prefix}-{len(self._shards)}.data", "wb")
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        self._data.write(raw)
+        self._header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._offset, self._offset + len(raw)]}
+        self._offset += len(raw)
+        if self._offset >= self.max_shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._pending:
+        if self._data is None:
             return
-        tmp_name = f"{self.prefix}-shard{len(self._shards):05d}.safetensors"
-        save_file(self._pending, str(self.directory / tmp_name), metadata={"format": "pt"})
-        self._shards.append((tmp_name, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._data.close()
+        data_path = Path(self._data.name)
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # safetensors aligns the data start to 8 bytes
+        tmp_name = f".{self.prefix}-shard{len(self._shards):05d}.safetensors"
+        with open(self.directory / tmp_name, "wb") as out, open(data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 << 20)
+        data_path.unlink()
+        self._shards.append((tmp_name, list(self._header)))
+        self._data, self._header, self._offset = None, {}, 0
 
     def close(self) -> list[str]:
         """Flush and give shards their final names; returns the file names written."""
