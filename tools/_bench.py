@@ -22,8 +22,16 @@ def run_child(args: list[str], env: dict | None = None) -> dict:
     out, err = proc.stdout.read(), proc.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"child {args} failed:\n{err[-3000:]}")
-    last = [l for l in out.splitlines() if l.startswith("{")]
-    return {"seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "child": json.loads(last[-1]) if last else None}
+    return {"seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "child": _json_result(out)}
+
+
+def _json_result(out: str):
+    """The child's result: its whole stdout as JSON, else its last line that is a JSON object."""
+    try:
+        return json.loads(out)
+    except json.JSONDecodeError:
+        last = [l for l in out.splitlines() if l.startswith("{")]
+        return json.loads(last[-1]) if last else None
 
 
 def median(xs):
