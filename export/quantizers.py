@@ -14,6 +14,9 @@ sent perplexity from 13.7 to 6e8. Schemes here:
     "sym-search"  s = absmax / c, c searched per block over a small grid around 7 (c = 7 included, so never worse
                   than "sym" in squared error), codes clipped to [-8, 7]; uses -8 where it helps.
     "asym"        s = (max - min) / 15, z = round(-min / s): min and max of the block are on the grid.
+    "asym-ls"     asym start, then alternate: codes given (s, m); (s, m) by least squares given the codes
+                  (w ~ s u + m per block), 10 rounds. The zero point z = -m / s is a float (MatMulNBits takes
+                  float zero points). Lowest weight error; finds a grid the weights already sit on.
 
 All functions are numpy, float32 in and out; no framework import.
 """
@@ -25,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
-Int4Scheme = Literal["sym", "sym-search", "asym"]
-INT4_SCHEMES: tuple[str, ...] = ("sym", "sym-search", "asym")
+Int4Scheme = Literal["sym", "sym-search", "asym", "asym-ls"]
+INT4_SCHEMES: tuple[str, ...] = ("sym", "sym-search", "asym", "asym-ls")
 
 # Divisors c searched by "sym-search" (s = absmax / c). 7.0 is on the grid.
 _SEARCH_DIVISORS = np.concatenate([np.linspace(5.6, 7.0, 8), np.linspace(7.1, 8.0, 7)]).astype(np.float32)
@@ -38,7 +41,7 @@ class Int4Blocks:
 
     codes        uint8 [N, K_pad], values 0..15
     scales       float32 [N, K_pad / block_size]
-    zero_points  uint8 [N, K_pad / block_size], or None for symmetric (zero point 8)
+    zero_points  uint8 [N, K_pad / block_size] ("asym"), float32 ("asym-ls"), or None for symmetric (8)
     """
 
     codes: np.ndarray
@@ -68,6 +71,8 @@ def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym") ->
     w = np.asarray(w, dtype=np.float32)
     n, k = w.shape
     wb = _blocks(w, block_size)  # [N, nb, bs]
+    if scheme == "asym-ls":
+        return _asym_least_squares(wb, n, k, block_size)
     if scheme == "asym":
         lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
         hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
@@ -94,6 +99,25 @@ def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym") ->
     return Int4Blocks(codes.reshape(n, -1), scale[..., 0].astype(np.float32), None, block_size, k)
 
 
+def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, rounds: int = 10) -> Int4Blocks:
+    """Per block, alternate u = clip(round((w - m) / s), 0, 15) and the least-squares (s, m) of w ~ s u + m."""
+    lo, hi = wb.min(axis=-1, keepdims=True), wb.max(axis=-1, keepdims=True)
+    s = np.maximum((hi - lo) / 15.0, 1e-12).astype(np.float32)
+    m = lo.astype(np.float32)
+    wm = wb.mean(axis=-1, keepdims=True)
+    for _ in range(rounds):
+        u = np.clip(np.rint((wb - m) / s), 0, 15)
+        um = u.mean(axis=-1, keepdims=True)
+        var = np.square(u - um).sum(axis=-1, keepdims=True)
+        cov = ((u - um) * (wb - wm)).sum(axis=-1, keepdims=True)
+        s_new = cov / np.maximum(var, 1e-12)
+        ok = (var > 0) & (s_new > 1e-12)  # constant blocks keep their start
+        s = np.where(ok, s_new, s).astype(np.float32)
+        m = np.where(ok, wm - s * um, m).astype(np.float32)
+    codes = np.clip(np.rint((wb - m) / s), 0, 15).astype(np.uint8)
+    return Int4Blocks(codes.reshape(n, -1), s[..., 0], (-m / s)[..., 0].astype(np.float32), block_size, k)
+
+
 def _sq_error(wb: np.ndarray, scale: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(wb / scale), -8, 7)
     return np.square(q * scale - wb).sum(axis=-1, keepdims=True)
@@ -103,7 +127,7 @@ def dequantize_int4(q: Int4Blocks) -> np.ndarray:
     """Int4Blocks -> float32 [N, K]."""
     n = q.codes.shape[0]
     codes = q.codes.reshape(n, -1, q.block_size).astype(np.float32)
-    zp = np.float32(8.0) if q.zero_points is None else q.zero_points[..., None].astype(np.float32)
+    zp = np.float32(8.0) if q.zero_points is None else q.zero_points[..., None].astype(np.float32)  # uint8 or float
     return ((codes - zp) * q.scales[..., None]).reshape(n, -1)[:, : q.k]
 
 

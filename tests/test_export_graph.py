@@ -46,6 +46,7 @@ def _rel(a, b) -> float:
 
 def _quantized_reference(model, opts: ExportOptions):
     """The same model with every weight the int4 export quantizes replaced by deq(q(W)): the exact reference."""
+    opts = opts.validate()
     mods = dict(model.named_modules())
     with torch.no_grad():
         if model.lm_head.weight is model.model.embed_tokens.weight and not (
@@ -56,7 +57,8 @@ def _quantized_reference(model, opts: ExportOptions):
             names.append("model.embed_tokens")
         for m in names:
             w = mods[m].weight.detach().float().numpy()
-            mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, opts.int4_scheme))))
+            scheme = "asym" if m == "model.embed_tokens" and opts.int4_scheme == "asym-ls" else opts.int4_scheme
+            mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, scheme))))
     return model
 
 
@@ -117,12 +119,17 @@ def test_left_padding_matches_torch(tmp_path):
     assert _rel(got[keep], ref[keep]) < 1e-4
 
 
-@pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64)])
+@pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64),
+                                               ("asym-ls", False, 32)])
 def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     model = tiny_model("llama", tied=tied)
     opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
     result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
     assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 7 + 1
+    if scheme == "asym-ls":  # float zero points, one per block
+        import onnx as _onnx
+        zp = [t for t in _onnx.load(str(result.model_path)).graph.initializer if t.name.endswith("q_proj.qzeros")]
+        assert zp and zp[0].data_type == _onnx.TensorProto.FLOAT
     assert result.op_counts["com.microsoft::GatherBlockQuantized"] == 1
     ids = _ids()
     original = _torch_logits(model, ids)
@@ -153,7 +160,7 @@ def test_trt_int4_is_standard_onnx_and_matches(tmp_path):
     assert {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
     ids = _ids()
     got = _logits(_session(result.model_path), model, ids)["logits"]
-    opts_ref = ExportOptions(format="int4", block_size=32, quantize_embedding=False)
+    opts_ref = ExportOptions(format="int4", block_size=32, int4_scheme="sym", quantize_embedding=False)
     assert _rel(got, _torch_logits(_quantized_reference(model, opts_ref), ids)) < 1e-4
 
 

