@@ -113,7 +113,8 @@ def load_reference_model(src_dir: Path | None):
     if (src_dir / "qosora_config.json").is_file():
         import qosora
 
-        return qosora.load(src_dir, dtype=torch.float32).eval()
+        # fp32 compute: the exact stored function (bf16 factors upcast), so parity measures the export alone.
+        return qosora.load(src_dir, dtype=torch.float32, compute_dtype=torch.float32).eval()
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()

@@ -155,11 +155,18 @@ def _rebuild_rotary(model: torch.nn.Module) -> None:
             setattr(parent, child, type(module)(config=model.config))
 
 
-def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+def load(
+    directory: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | str | None = None,
+):
     """Build the transformers model of a prepared/trained directory, adapted linears replaced by SVDAdapterLinear.
 
     No SVD runs: the stored residual and factors are loaded as they are, so the model is bit-identical to the one
     that was saved. `dtype` casts the non-adapted weights (embeddings, norms); the factors keep their stored dtype.
+    `compute_dtype` overrides the adapted layers' compute dtype (default: the prepared one, bf16); float32 evaluates
+    the stored function exactly, deq(W_res) x + B (A x), as the ONNX export's parity check needs.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -169,9 +176,14 @@ def load(directory: str | Path, dtype: torch.dtype | str | None = None, device: 
         dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype or torch.float32)
+    if isinstance(compute_dtype, str):
+        compute_dtype = DTYPES[compute_dtype]
     for module in reader.modules:
         parent_name, _, child = module.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, reader.layer(module))
+        layer = reader.layer(module)
+        if compute_dtype is not None:
+            layer.set_compute_dtype(compute_dtype)
+        setattr(model.get_submodule(parent_name), child, layer)
     state = {n: reader.base_tensor(n) for n in reader.base_names() if not _is_adapted_bias(n, reader.modules)}
     if dtype is not None:
         state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}

@@ -66,15 +66,16 @@ class SVDAdapterLinear(nn.Module):
         if self.residual_nf4 is not None:
             y = nf4_matmul(x.to(self.compute_dtype), self.residual_nf4)
         else:
-            y = x.to(self.residual.dtype) @ self.residual.mT
+            y = x.to(self.compute_dtype) @ self.residual.to(self.compute_dtype).mT
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., d_in) -> (..., d_out)
-        factors = self.factors()
-        adapter_dtype = factors[self.spec.factors[0]].dtype
-        y = self.base_forward(x) + self.spec.forward(factors, x.to(adapter_dtype)).to(self.compute_dtype)
+        # Both branches run in the compute dtype: bf16 factors and bf16 compute cast nothing; an fp32 compute dtype
+        # (evaluation, export parity) upcasts the stored factors exactly and gives deq(W_res) x + B (A x) in fp32.
+        factors = {n: t.to(self.compute_dtype) for n, t in self.factors().items()}
+        y = self.base_forward(x) + self.spec.forward(factors, x.to(self.compute_dtype))
         return y.to(x.dtype)
 
     def residual_dense(self) -> torch.Tensor:
@@ -92,6 +93,11 @@ class SVDAdapterLinear(nn.Module):
         """deq(W_res) + B A in fp32: the function that was trained, as one dense weight."""
         B, A = self.lowrank()
         return self.residual_dense() + B @ A
+
+    def set_compute_dtype(self, dtype: torch.dtype) -> None:
+        self.compute_dtype = dtype
+        if self.residual_nf4 is not None:
+            self.residual_nf4.state.dtype = dtype  # bitsandbytes dequantizes into the state's dtype
 
     def _apply(self, fn, recurse=True):
         # Keep the NF4 residual on the same device as the factors when the module is moved.
