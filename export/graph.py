@@ -20,7 +20,7 @@ import numpy as np
 
 from qosora.export import spec as io
 from qosora.export.formats import ExportOptions, LinearEmitter
-from qosora.export.quantizers import dequantize_int4, pack_low_first, quantize_int4, relative_error
+from qosora.export.quantizers import int4_relative_error, pack_low_first, quantize_int4
 from qosora.export.source import WeightSource
 from qosora.export.writer import MS_DOMAIN, GraphWriter, value_info
 
@@ -96,7 +96,7 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
         # GatherBlockQuantized takes uint8 zero points only: asym-ls (float zero points) falls back to asym here.
         q = quantize_int4(table, bs, "asym" if opts.int4_scheme == "asym-ls" else opts.int4_scheme)
         linear.errors["model.embed_tokens"] = {"shape": list(table.shape),
-                                               "rel_error": relative_error(table, dequantize_int4(q))}
+                                               "rel_error": int4_relative_error(table, q)}
         v = table.shape[0]
         data = w.initializer("model.embed_tokens.qweight", pack_low_first(q.codes).reshape(v, -1, bs // 2), "int4")
         scales = w.initializer("model.embed_tokens.scales", q.scales.reshape(-1).astype(opts.dtype), "scales")
@@ -127,7 +127,7 @@ def _lm_head(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.De
             return
         weight = src.tensor("lm_head.weight")
         q = linear._int4(weight, "lm_head")
-        linear.errors["lm_head"] = {"shape": list(weight.shape), "rel_error": relative_error(weight, dequantize_int4(q))}
+        linear.errors["lm_head"] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q)}
         del weight
         if opts.format == "trt-int4":
             w.op("MatMul", [hidden, linear.dequantize_linear("lm_head", q)], outputs=["logits"])

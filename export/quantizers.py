@@ -64,11 +64,25 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, nb, block_size)
 
 
-def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym") -> Int4Blocks:
-    """Quantize W [N, K] float32 blockwise along K. See the module docstring for the schemes."""
+def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym", chunk_elements: int = 1 << 22) -> Int4Blocks:
+    """Quantize W [N, K] float32 blockwise along K. See the module docstring for the schemes.
+
+    Rows are processed `chunk_elements` at a time: the schemes keep several weight-sized temporaries, and an
+    lm_head (vocab x hidden) would otherwise multiply the export's peak memory.
+    """
     if scheme not in INT4_SCHEMES:
         raise ValueError(f"unknown int4 scheme {scheme!r}; choose one of {INT4_SCHEMES}")
     w = np.asarray(w, dtype=np.float32)
+    rows = max(1, chunk_elements // max(1, w.shape[1]))
+    if w.shape[0] <= rows:
+        return _quantize_rows(w, block_size, scheme)
+    parts = [_quantize_rows(w[i:i + rows], block_size, scheme) for i in range(0, w.shape[0], rows)]
+    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return Int4Blocks(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]), zps,
+                      block_size, parts[0].k)
+
+
+def _quantize_rows(w: np.ndarray, block_size: int, scheme: Int4Scheme) -> Int4Blocks:
     n, k = w.shape
     wb = _blocks(w, block_size)  # [N, nb, bs]
     if scheme == "asym-ls":
@@ -142,8 +156,24 @@ def pack_low_first(codes: np.ndarray) -> np.ndarray:
     return (c[..., 0::2] & 0x0F) | ((c[..., 1::2] & 0x0F) << 4)
 
 
-def relative_error(w: np.ndarray, w_hat: np.ndarray) -> float:
-    """||W - W_hat||_F / ||W||_F, accumulated in float64."""
-    w64 = np.asarray(w, dtype=np.float64)
-    den = np.linalg.norm(w64)
-    return float(np.linalg.norm(w64 - w_hat) / den) if den > 0 else 0.0
+def relative_error(w: np.ndarray, w_hat: np.ndarray, chunk_rows: int = 4096) -> float:
+    """||W - W_hat||_F / ||W||_F, accumulated in float64 a few thousand rows at a time (an lm_head in float64
+    would be 8 bytes a parameter)."""
+    num = den = 0.0
+    for i in range(0, w.shape[0], chunk_rows):
+        w64 = np.asarray(w[i:i + chunk_rows], dtype=np.float64)
+        num += float(np.square(w64 - w_hat[i:i + chunk_rows]).sum())
+        den += float(np.square(w64).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def int4_relative_error(w: np.ndarray, q: Int4Blocks, chunk_rows: int = 4096) -> float:
+    """relative_error(w, dequantize_int4(q)) without materialising the whole dequantized weight."""
+    num = den = 0.0
+    for i in range(0, w.shape[0], chunk_rows):
+        part = Int4Blocks(q.codes[i:i + chunk_rows], q.scales[i:i + chunk_rows],
+                          None if q.zero_points is None else q.zero_points[i:i + chunk_rows], q.block_size, q.k)
+        w64 = np.asarray(w[i:i + chunk_rows], dtype=np.float64)
+        num += float(np.square(w64 - dequantize_int4(part)).sum())
+        den += float(np.square(w64).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
