@@ -1,4 +1,4 @@
-"""Streaming: peak RSS of `qosora prepare` (and `merge`) on a synthetic ~1.1B Llama vs its fp32 size.
+"""Streaming: peak RSS of `qosora prepare`, `merge` and `export` on a synthetic ~1.1B Llama vs its fp32 size.
 
     python tools/bench_streaming.py --model /tmp/llama-1b --out bench/streaming.json
 """
@@ -32,6 +32,8 @@ def main() -> None:
                           "--json"])
         merge = run_child(["-m", "qosora", "merge", str(tmp / "p"), "--out", str(tmp / "m"), "--dtype", "bfloat16",
                            "--json"])
+        export = run_child(["-m", "qosora", "export", str(tmp / "p"), "--onnx", str(tmp / "onnx"), "--format", "int4",
+                            "--no-check", "--json"])
         out_bytes = sum(f.stat().st_size for f in (tmp / "p").iterdir())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -39,8 +41,9 @@ def main() -> None:
         "benchmark": "streaming", "model": args.model, "fp32_checkpoint_bytes": fp32, "machine": machine(),
         "prepare": {**prep, "rss_over_fp32": prep["peak_rss_bytes"] / fp32, "output_bytes": out_bytes},
         "merge": {**merge, "rss_over_fp32": merge["peak_rss_bytes"] / fp32},
+        "export_int4": {**export, "rss_over_fp32": export["peak_rss_bytes"] / fp32},
     }
-    print(json.dumps({k: result[k]["rss_over_fp32"] for k in ("prepare", "merge")}))
+    print(json.dumps({k: result[k]["rss_over_fp32"] for k in ("prepare", "merge", "export_int4")}))
     write_json(args.out, result)
 
 
