@@ -165,3 +165,22 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
     prepared = make_prepared(tmp_path, "pissa")
     with pytest.raises(QosoraError, match="lower --lr"):
         run(tmp_path, prepared, "nan", steps=5, lr=1e30, max_grad_norm=1e30)
+
+
+@pytest.mark.parametrize("shape", [(12, 5, 9), (7, 1, 7), (6, 6, 6)])  # d_out != d_in, rank 1, rank = min(d)
+def test_regularizer_closed_form_gradient_matches_autograd(shape):
+    from qosora.methods import orthonormality
+    from qosora.train.regularizer import orthonormality_grads
+
+    d_out, r, d_in = shape
+    g = torch.Generator().manual_seed(1)
+    U = torch.randn(d_out, r, generator=g, dtype=torch.float64, requires_grad=True)
+    Vh = torch.randn(r, d_in, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = torch.linalg.matrix_norm(U.mT @ U - torch.eye(r, dtype=torch.float64)) + torch.linalg.matrix_norm(
+        Vh @ Vh.mT - torch.eye(r, dtype=torch.float64))
+    rU, rVh = torch.autograd.grad(ref, [U, Vh])
+    value, gU, gVh = orthonormality_grads(U.detach().float(), Vh.detach().float())
+    assert value == pytest.approx(float(ref), rel=1e-5)
+    assert value == pytest.approx(float(orthonormality(U.detach(), Vh.detach())), rel=1e-5)
+    torch.testing.assert_close(gU.double(), rU, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gVh.double(), rVh, rtol=1e-4, atol=1e-5)

@@ -1,10 +1,12 @@
 """Training-step benchmark on SmolLM2-135M (CPU): qosora SORSA / OSoRA vs PEFT QLoRA, plus the memory planner.
 
-    OMP_WAIT_POLICY=PASSIVE flock /tmp/qosora-heavy.lock python tools/bench_train.py [--rounds 2] [--steps 4]
+    OMP_WAIT_POLICY=PASSIVE flock /tmp/qosora-heavy.lock python tools/bench_train.py [--steps 8]
 
-Each configuration runs in its own process (so peak RSS is its own), alternating ours and the anchor's, round
-after round; times are medians over rounds of the median step (the first step is a warm-up and not timed).
-Peak RSS is VmHWM after the steps, reset once the model is loaded (so it is the training peak, not the load).
+Time: PEFT QLoRA, SORSA and OSoRA live in one process and take one optimizer step each in turn (the order rotates
+every turn); s/step is the median over the turns after a warm-up turn, so every comparison is paired under the
+same load of this shared machine (separate processes run minutes apart differed by 30 % on the same config).
+Memory: each configuration alone in its own process; peak RSS is VmHWM after the steps, reset once the model is
+loaded (so it is the training peak, not the load).
 Same data (random ids, seq 256 x batch 4, loss on every token), rank 16, all seven projections, bf16 autocast
 where the CPU has it, torch AdamW, no gradient checkpointing on either side.
 
@@ -39,8 +41,8 @@ def _rss_peak() -> int:
     raise RuntimeError("no VmHWM")
 
 
-def worker(kind: str, prepared: str | None, steps: int) -> dict:
-    """One configuration: load, then time `steps` + 1 optimizer steps. Runs in a child process."""
+def build(kind: str, prepared: str | None):
+    """Load one configuration; return (one_optimizer_step() -> loss, trainable parameter count, bf16)."""
     import torch
 
     from qosora.fixtures import smollm2_dir
@@ -86,11 +88,8 @@ def worker(kind: str, prepared: str | None, steps: int) -> dict:
         reg = (lambda: add_regularizer_grad(layers, 4e-4, 1e-4)) if kind.startswith("sorsa") else None
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4)
-    n_trainable = sum(p.numel() for p in params)
-    _rss_reset()
-    times, losses = [], []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def optimizer_step() -> float:
         loss = step_loss()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -98,22 +97,54 @@ def worker(kind: str, prepared: str | None, steps: int) -> dict:
             reg()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return optimizer_step, sum(p.numel() for p in params), bf16
+
+
+def memory_worker(kind: str, prepared: str | None, steps: int) -> dict:
+    """Peak RSS of `steps` optimizer steps of one configuration, alone in its process."""
+    optimizer_step, n_trainable, bf16 = build(kind, prepared)
+    _rss_reset()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        optimizer_step()
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    return {"kind": kind, "s_per_step": statistics.median(times[1:]), "times": times, "losses": losses,
-            "peak_rss": _rss_peak(), "trainable_params": n_trainable, "bf16": bf16}
+    return {"kind": kind, "peak_rss": _rss_peak(), "times": times, "trainable_params": n_trainable, "bf16": bf16}
+
+
+def timing_worker(kinds: list[tuple[str, str | None]], steps: int) -> dict:
+    """All configurations in one process, one optimizer step each in turn (order rotating), `steps` turns after
+    a warm-up turn: every comparison is paired, under the same machine load."""
+    built = {k: build(k, p)[0] for k, p in kinds}
+    names = list(built)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for turn in range(steps + 1):
+        order = names[turn % len(names):] + names[:turn % len(names)]
+        for k in order:
+            t0 = time.perf_counter()
+            built[k]()
+            if turn:
+                times[k].append(time.perf_counter() - t0)
+    return {"times": times, "s_per_step": {k: statistics.median(v) for k, v in times.items()}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per run (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=8, help="timed turns (each kind one step a turn, after a warm-up)")
+    p.add_argument("--memory-steps", type=int, default=2, help="steps of each memory run")
     p.add_argument("--work", default="/tmp/qosora-bench-train", help="where the prepared models are cached")
     p.add_argument("--out", default="bench_train.json")
-    p.add_argument("--worker", nargs=2, metavar=("KIND", "PREPARED"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], None if args.worker[1] == "-" else args.worker[1], args.steps)))
+        if args.worker[0] == "timing":
+            kinds = [(k, None if v == "-" else v) for k, v in zip(args.worker[1::2], args.worker[2::2])]
+            print(json.dumps(timing_worker(kinds, args.steps)))
+        else:
+            kind, prep = args.worker[1], args.worker[2]
+            print(json.dumps(memory_worker(kind, None if prep == "-" else prep, args.memory_steps)))
         return
 
     from qosora.config import PrepareConfig
@@ -128,44 +159,48 @@ def main() -> None:
         if not (d / "qosora_config.json").is_file():
             prepare(smollm2_dir(), d, PrepareConfig(method=method, rank=RANK), overwrite=True, progress=False)
         prepared[method] = str(d)
-    runs = [("sorsa", prepared["sorsa"]), ("peft_qlora", "-"), ("osora", prepared["osora"]),
-            ("sorsa_full_logits", prepared["sorsa"])]
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
-    results: dict[str, list[dict]] = {k: [] for k, _ in runs}
-    for r in range(args.rounds):
-        for kind, prep in (runs if r % 2 == 0 else runs[::-1]):  # alternate the order round to round
-            out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--worker", kind, prep],
-                                 env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
-            res = json.loads(out.stdout.strip().splitlines()[-1])
-            results[kind].append(res)
-            print(f"round {r} {kind:<18} {res['s_per_step']:.2f} s/step  peak RSS {res['peak_rss'] / 2**20:.0f} MiB",
-                  flush=True)
 
-    med = lambda kind, key: statistics.median(x[key] for x in results[kind])  # noqa: E731
-    anchor_t, anchor_m = med("peft_qlora", "s_per_step"), med("peft_qlora", "peak_rss")
+    def child(*worker_args: str) -> dict:
+        out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--memory-steps",
+                              str(args.memory_steps), "--worker", *worker_args], env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{worker_args} failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    timed = [("peft_qlora", "-"), ("sorsa", prepared["sorsa"]), ("osora", prepared["osora"])]
+    timing = child("timing", *[x for kv in timed for x in kv])
+    for k, v in timing["s_per_step"].items():
+        print(f"time   {k:<18} {v:.2f} s/step (median of {args.steps} paired turns)", flush=True)
+    memory = {}
+    for kind, prep in [("peft_qlora", "-"), ("sorsa", prepared["sorsa"]), ("osora", prepared["osora"]),
+                       ("sorsa_full_logits", prepared["sorsa"])]:
+        memory[kind] = child("memory", kind, prep)
+        print(f"memory {kind:<18} peak RSS {memory[kind]['peak_rss'] / 2**20:.0f} MiB", flush=True)
+
+    anchor_t, anchor_m = timing["s_per_step"]["peft_qlora"], memory["peft_qlora"]["peak_rss"]
     predicted = plan(str(smollm2_dir()), "sorsa", RANK, SEQ, BATCH, device="cpu").total_bytes
-    measured = med("sorsa", "peak_rss")
+    measured = memory["sorsa"]["peak_rss"]
     summary = {
         "config": {"model": "SmolLM2-135M-Instruct", "seq_len": SEQ, "batch_size": BATCH, "rank": RANK,
-                   "rounds": args.rounds, "timed_steps": args.steps, "bf16": results["sorsa"][0]["bf16"]},
+                   "timed_turns": args.steps, "bf16": memory["sorsa"]["bf16"]},
         "peft_qlora": {"s_per_step": anchor_t, "peak_rss": anchor_m},
-        **{k: {"s_per_step": med(k, "s_per_step"), "peak_rss": med(k, "peak_rss"),
-               "time_ratio_vs_peft": med(k, "s_per_step") / anchor_t, "rss_ratio_vs_peft": med(k, "peak_rss") / anchor_m,
-               "trainable_params": results[k][0]["trainable_params"]}
+        **{k: {"s_per_step": timing["s_per_step"].get(k), "peak_rss": memory[k]["peak_rss"],
+               "time_ratio_vs_peft": timing["s_per_step"][k] / anchor_t if k in timing["s_per_step"] else None,
+               "rss_ratio_vs_peft": memory[k]["peak_rss"] / anchor_m,
+               "trainable_params": memory[k]["trainable_params"]}
            for k in ("sorsa", "osora", "sorsa_full_logits")},
-        "chunked_loss_saving_bytes": med("sorsa_full_logits", "peak_rss") - measured,
+        "chunked_loss_saving_bytes": memory["sorsa_full_logits"]["peak_rss"] - measured,
         "plan_sorsa": {"predicted_bytes": predicted, "measured_bytes": measured, "ratio": predicted / measured},
-        "runs": results,
+        "timing": timing, "memory": memory,
     }
     Path(args.out).write_text(json.dumps(summary, indent=1))
-    print(f"\n| config | s/step | x PEFT | peak RSS MiB | x PEFT |\n|---|---|---|---|---|")
+    print("\n| config | s/step | x PEFT | peak RSS MiB | x PEFT |\n|---|---|---|---|---|")
     print(f"| PEFT QLoRA (anchor) | {anchor_t:.2f} | 1.00 | {anchor_m / 2**20:.0f} | 1.00 |")
     for k in ("sorsa", "osora", "sorsa_full_logits"):
         s = summary[k]
-        print(f"| qosora {k} | {s['s_per_step']:.2f} | {s['time_ratio_vs_peft']:.2f} | {s['peak_rss'] / 2**20:.0f} | "
-              f"{s['rss_ratio_vs_peft']:.2f} |")
+        t = f"{s['s_per_step']:.2f} | {s['time_ratio_vs_peft']:.2f}" if s["s_per_step"] else "- | -"
+        print(f"| qosora {k} | {t} | {s['peak_rss'] / 2**20:.0f} | {s['rss_ratio_vs_peft']:.2f} |")
     print(f"chunked loss saves {summary['chunked_loss_saving_bytes'] / 2**20:.0f} MiB of peak RSS")
     print(f"plan predicts {predicted / 2**20:.0f} MiB for SORSA, measured {measured / 2**20:.0f} MiB "
           f"(ratio {predicted / measured:.3f})")
