@@ -8,11 +8,12 @@ Here the loss only looks at positions that have a label (prompt tokens are skipp
 
     loss = sum_i [ logsumexp(h_i W^T) - (h_i W^T)[y_i] ]          over labelled positions i
 
-in chunks of `chunk_size` rows. The custom backward recomputes each chunk's logits instead of storing them:
+in chunks of `chunk_size` rows, and, in the same pass, the gradient (the loss is the graph's last node):
 
     dL/dh_i = (softmax(h_i W^T) - onehot(y_i)) W
 
-so peak extra memory is one (chunk_size, V) fp32 block, independent of the sequence length. The lm_head weight is
+so peak extra memory is one (chunk_size, V) fp32 block plus dL/dh (N, d), independent of the sequence length,
+and no logits are ever recomputed. The lm_head weight is
 frozen in every qosora method; its gradient is computed only if it requires one.
 """
 
@@ -31,38 +32,47 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
+    """Forward computes the loss and, when a gradient will be needed, the gradient itself, chunk by chunk.
+
+    The loss is the last node of the graph, so dL/dh only waits for a scalar factor (grad_out): computing it in
+    the forward while the chunk's logits are at hand avoids recomputing them in the backward (the lm_head matmul,
+    N x d x V, is one of the largest of the step). Only dL/dh (N, d) is kept.
+    """
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int, compute_dtype: torch.dtype):
         # hidden (N, d), weight (V, d), targets (N,) -> summed loss (fp32 scalar)
         w = weight.to(compute_dtype)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        lse_all = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        rows = torch.arange(min(chunk_size, hidden.shape[0]), device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size].to(compute_dtype) @ w.T).float()  # (c, V) fp32
+            h = hidden[s:s + chunk_size].to(compute_dtype)
+            t = targets[s:s + chunk_size]
+            logits = (h @ w.T).float()  # (c, V) fp32
             lse = torch.logsumexp(logits, dim=-1)
-            lse_all[s:s + chunk_size] = lse
-            total += (lse - logits.gather(1, targets[s:s + chunk_size, None]).squeeze(1)).sum()
-        ctx.save_for_backward(hidden, weight, targets, lse_all)
-        ctx.chunk_size, ctx.compute_dtype = chunk_size, compute_dtype
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax in place of the logits
+                probs[rows[:len(t)], t] -= 1.0
+                g = probs.to(compute_dtype)  # dL/dlogits, (c, V)
+                if want_h:
+                    grad_h[s:s + chunk_size] = (g @ w).to(hidden.dtype)
+                if want_w:
+                    grad_w += (g.T @ h).float()
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.want = (want_h, want_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, targets, lse_all = ctx.saved_tensors
-        c, dt = ctx.chunk_size, ctx.compute_dtype
-        w = weight.to(dt)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], c):
-            h = hidden[s:s + c].to(dt)
-            probs = (h @ w.T).float().sub_(lse_all[s:s + c, None]).exp_()  # softmax, (c, V) fp32, in place
-            probs[torch.arange(probs.shape[0], device=probs.device), targets[s:s + c]] -= 1.0
-            g = (probs * grad_out).to(dt)
-            if grad_h is not None:
-                grad_h[s:s + c] = (g @ w).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w += (g.T @ h).float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad_out if ctx.want[0] else None
+        grad_w = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.want[1] else None
+        return grad_h, grad_w, None, None, None
 
 
 def chunked_lm_loss(
