@@ -37,8 +37,9 @@ class ExportOptions:
 
     format: Format = "int4"
     block_size: int = 32  # int4 / trt-int4 quantization block along K
-    # None: "asym-ls" for int4 (lowest perplexity measured), "sym" for trt-int4 (TensorRT is symmetric; the
-    # MSE-searched "sym-search" clips NF4 outliers and measured worse perplexity than absmax / 7 on SmolLM2).
+    # None: "asym" for int4 (keeps every block's min and max exactly, which NF4-derived weights need: the
+    # MSE-fitted "asym-ls" has lower weight error but higher KL on SmolLM2), "sym" for trt-int4 (TensorRT is
+    # symmetric; "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
     int4_scheme: Int4Scheme | None = None
     accuracy_level: int = 0  # MatMulNBits: 0 = A in float, 4 = A quantized to int8 (faster on CPU)
     keep_principal: bool = False  # int4 / trt-int4: quantize only W_res, keep B A as a float branch
@@ -54,7 +55,7 @@ class ExportOptions:
         if self.format not in FORMATS:
             raise QosoraError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.int4_scheme is None:
-            return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "asym-ls").validate()
+            return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "asym").validate()
         if self.int4_scheme not in INT4_SCHEMES:
             raise QosoraError(f"unknown int4 scheme {self.int4_scheme!r}; choose one of {', '.join(INT4_SCHEMES)}")
         if self.block_size not in (16, 32, 64, 128, 256):

@@ -39,13 +39,13 @@ def test_searched_and_least_squares_schemes_never_lose_to_their_start(k):
 
 
 def test_asym_least_squares_recovers_an_existing_int4_grid():
-    """Weights that already sit on some per-block grid s u + m (like a Q4_1 checkpoint) are recovered exactly."""
+    """Weights that already sit on a per-block grid s (u - z), integer z, are recovered exactly."""
     rng = np.random.default_rng(1)
     u = rng.integers(0, 16, size=(16, 4, 32)).astype(np.float32)
     u[..., 0], u[..., 1] = 0, 15  # every code range used
     s = rng.uniform(0.01, 0.1, size=(16, 4, 1)).astype(np.float32)
-    m = rng.uniform(-0.5, 0.0, size=(16, 4, 1)).astype(np.float32)
-    w = (u * s + m).reshape(16, 128)
+    z = rng.integers(1, 15, size=(16, 4, 1)).astype(np.float32)
+    w = ((u - z) * s).reshape(16, 128)
     assert relative_error(w, dequantize_int4(quantize_int4(w, 32, "asym-ls"))) < 1e-5
     assert relative_error(w, dequantize_int4(quantize_int4(w, 32, "sym"))) > 1e-2
 
