@@ -202,7 +202,7 @@ def main() -> int:
 
     # -- 2. perplexity --------------------------------------------------------------------------------------
     print("perplexity ...", file=sys.stderr)
-    model = qosora.load(src, dtype=torch.float32).eval()
+    model = qosora.load(src, dtype=torch.float32, compute_dtype=torch.float32).eval()  # the exact stored function
     ids = eval_tokens(hf, args.ppl_tokens)
     ppl = {"torch (qosora.load)": torch_ppl(model, ids, args.chunk)}
     for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-sym7", "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym",
