@@ -93,7 +93,8 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
     table = src.tensor("model.embed_tokens.weight")  # [V, E]
     bs = opts.block_size
     if opts.format == "int4" and opts.quantize_embedding and spec.hidden_size % bs == 0:
-        q = quantize_int4(table, bs, opts.int4_scheme)
+        # GatherBlockQuantized takes uint8 zero points only.
+        q = quantize_int4(table, bs, "asym-ls" if opts.int4_scheme == "asym-ls-float" else opts.int4_scheme)
         linear.errors["model.embed_tokens"] = {"shape": list(table.shape),
                                                "rel_error": int4_relative_error(table, q)}
         v = table.shape[0]
@@ -116,7 +117,7 @@ def _lm_head(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.De
     """hidden [B, S, E] -> logits [B, S, V]; int4 formats quantize it (a third of a small model's weights)."""
     tied = spec.tie_word_embeddings or not src.has_tensor("lm_head.weight")
     if opts.format in ("int4", "trt-int4") and opts.quantize_lm_head:
-        if opts.format == "int4" and tied and embed_q is not None:
+        if opts.format == "int4" and tied and embed_q is not None and opts.int4_scheme != "asym-ls-float":
             # Reuse the embedding's int4 table: MatMulNBits reads B [V, E/bs, bs/2] (same bytes).
             q, data, scales, zp = embed_q
             inputs = [hidden, data, scales] + ([zp] if zp else [])

@@ -17,6 +17,8 @@ sent perplexity from 13.7 to 6e8. Schemes here:
     "asym-ls"     asym start, then alternate: codes given (s, z); (s, z) by least squares given the codes
                   (w ~ s (u - z) per block, z rounded to an integer), 10 rounds. Lowest weight error of the
                   integer-zero-point schemes; finds a grid the weights already sit on.
+    "asym-ls-float"  the same with a float zero point (MatMulNBits accepts them): lower error still, but no
+                  fast CPU kernel in onnxruntime (like its own HQQ quantizer's output).
 
 All functions are numpy, float32 in and out; no framework import.
 """
@@ -28,8 +30,8 @@ from typing import Literal
 
 import numpy as np
 
-Int4Scheme = Literal["sym", "sym-search", "asym", "asym-ls"]
-INT4_SCHEMES: tuple[str, ...] = ("sym", "sym-search", "asym", "asym-ls")
+Int4Scheme = Literal["sym", "sym-search", "asym", "asym-ls", "asym-ls-float"]
+INT4_SCHEMES: tuple[str, ...] = ("sym", "sym-search", "asym", "asym-ls", "asym-ls-float")
 
 # Divisors c searched by "sym-search" (s = absmax / c). 7.0 is on the grid.
 _SEARCH_DIVISORS = np.concatenate([np.linspace(5.6, 7.0, 8), np.linspace(7.1, 8.0, 7)]).astype(np.float32)
@@ -41,7 +43,7 @@ class Int4Blocks:
 
     codes        uint8 [N, K_pad], values 0..15
     scales       float32 [N, K_pad / block_size]
-    zero_points  uint8 [N, K_pad / block_size] (asymmetric schemes), or None for symmetric (8)
+    zero_points  uint8 [N, K_pad / block_size] (asymmetric schemes; float32 for "asym-ls-float"), or None (8)
     """
 
     codes: np.ndarray
@@ -85,8 +87,8 @@ def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym", ch
 def _quantize_rows(w: np.ndarray, block_size: int, scheme: Int4Scheme) -> Int4Blocks:
     n, k = w.shape
     wb = _blocks(w, block_size)  # [N, nb, bs]
-    if scheme == "asym-ls":
-        return _asym_least_squares(wb, n, k, block_size)
+    if scheme in ("asym-ls", "asym-ls-float"):
+        return _asym_least_squares(wb, n, k, block_size, integer_zero_point=scheme == "asym-ls")
     if scheme == "asym":
         lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
         hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
@@ -113,17 +115,21 @@ def _quantize_rows(w: np.ndarray, block_size: int, scheme: Int4Scheme) -> Int4Bl
     return Int4Blocks(codes.reshape(n, -1), scale[..., 0].astype(np.float32), None, block_size, k)
 
 
-def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, rounds: int = 10) -> Int4Blocks:
+def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, integer_zero_point: bool = True,
+                        rounds: int = 10) -> Int4Blocks:
     """Per block, alternate u = clip(round(w / s + z), 0, 15) and a least-squares fit of w ~ s (u - z).
 
-    The zero point is kept an integer in [0, 15] (uint8 zero points keep MatMulNBits on its fast kernels; float
-    zero points sent SmolLM2's int4 decode from ~56 to ~3 tokens/s): each round fits (s, m) of w ~ s u + m by least
-    squares, rounds z = -m / s, then refits s with z fixed.
+    Each round fits (s, m) of w ~ s u + m by least squares. With `integer_zero_point` (the default, "asym-ls") z =
+    round(-m / s) and s is refitted with z fixed: uint8 zero points keep MatMulNBits on its fast kernels. Without
+    ("asym-ls-float") z = -m / s stays a float: lower error, but onnxruntime's CPU MatMulNBits has no fast path for
+    float zero points (SmolLM2's int4 decode fell from ~56 to ~3 tokens/s).
     """
-    lo = np.minimum(wb.min(axis=-1, keepdims=True), 0.0)
-    hi = np.maximum(wb.max(axis=-1, keepdims=True), 0.0)
+    lo, hi = wb.min(axis=-1, keepdims=True), wb.max(axis=-1, keepdims=True)
+    if integer_zero_point:  # an integer z in [0, 15] needs 0 inside [lo, hi]
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     s = np.maximum((hi - lo) / 15.0, 1e-12).astype(np.float32)
-    z = np.clip(np.rint(-lo / s), 0, 15).astype(np.float32)
+    z = -lo / s
+    z = (np.clip(np.rint(z), 0, 15) if integer_zero_point else z).astype(np.float32)
     wm = wb.mean(axis=-1, keepdims=True)
     for _ in range(rounds):
         u = np.clip(np.rint(wb / s + z), 0, 15)
@@ -131,14 +137,18 @@ def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, rounds:
         var = np.square(u - um).sum(axis=-1, keepdims=True)
         s_ls = ((u - um) * (wb - wm)).sum(axis=-1, keepdims=True) / np.maximum(var, 1e-12)
         ok = (var > 0) & (s_ls > 1e-12)  # constant blocks keep their start
-        z_new = np.clip(np.rint(um - wm / np.where(ok, s_ls, 1.0)), 0, 15)
-        d = u - z_new
-        s_fix = (wb * d).sum(axis=-1, keepdims=True) / np.maximum(np.square(d).sum(axis=-1, keepdims=True), 1e-12)
-        ok &= s_fix > 1e-12
-        s = np.where(ok, s_fix, s).astype(np.float32)
+        s_ls = np.where(ok, s_ls, 1.0)
+        z_new = um - wm / s_ls  # = -m / s with m = wm - s um
+        if integer_zero_point:
+            z_new = np.clip(np.rint(z_new), 0, 15)
+            d = u - z_new
+            s_ls = (wb * d).sum(axis=-1, keepdims=True) / np.maximum(np.square(d).sum(axis=-1, keepdims=True), 1e-12)
+            ok &= s_ls > 1e-12
+        s = np.where(ok, s_ls, s).astype(np.float32)
         z = np.where(ok, z_new, z).astype(np.float32)
     codes = np.clip(np.rint(wb / s + z), 0, 15).astype(np.uint8)
-    return Int4Blocks(codes.reshape(n, -1), s[..., 0], z[..., 0].astype(np.uint8), block_size, k)
+    zero_points = z[..., 0].astype(np.uint8) if integer_zero_point else z[..., 0].astype(np.float32)
+    return Int4Blocks(codes.reshape(n, -1), s[..., 0], zero_points, block_size, k)
 
 
 def _sq_error(wb: np.ndarray, scale: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ def _quantized_reference(model, opts: ExportOptions):
             names.append("model.embed_tokens")
         for m in names:
             w = mods[m].weight.detach().float().numpy()
-            scheme = opts.int4_scheme
+            scheme = "asym-ls" if m == "model.embed_tokens" and opts.int4_scheme == "asym-ls-float" else opts.int4_scheme
             mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, scheme))))
     return model
 
@@ -120,16 +120,17 @@ def test_left_padding_matches_torch(tmp_path):
 
 
 @pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64),
-                                               ("asym-ls", False, 32)])
+                                               ("asym-ls", False, 32), ("asym-ls-float", False, 32)])
 def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     model = tiny_model("llama", tied=tied)
     opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
     result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
     assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 7 + 1
-    if scheme in ("asym", "asym-ls"):  # packed uint8 zero points keep MatMulNBits on its fast kernels
+    if scheme.startswith("asym"):  # packed uint8 zero points (fast kernels), float ones for asym-ls-float
         import onnx as _onnx
         zp = [t for t in _onnx.load(str(result.model_path)).graph.initializer if t.name.endswith("q_proj.qzeros")]
-        assert zp and zp[0].data_type == _onnx.TensorProto.UINT8
+        expected = _onnx.TensorProto.FLOAT if scheme == "asym-ls-float" else _onnx.TensorProto.UINT8
+        assert zp and zp[0].data_type == expected
     assert result.op_counts["com.microsoft::GatherBlockQuantized"] == 1
     ids = _ids()
     original = _torch_logits(model, ids)

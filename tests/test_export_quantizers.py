@@ -53,3 +53,17 @@ def test_asym_least_squares_recovers_an_existing_int4_grid():
 def test_pack_low_nibble_first():
     codes = np.array([[1, 2, 15, 0]], np.uint8)
     np.testing.assert_array_equal(pack_low_first(codes), np.array([[0x21, 0x0F]], np.uint8))
+
+
+def test_float_zero_points_recover_an_offset_grid_that_integer_ones_cannot():
+    """A Q4_1-like grid s u + m with arbitrary offset m: only a float zero point sits on it exactly."""
+    rng = np.random.default_rng(2)
+    u = rng.integers(0, 16, size=(16, 4, 32)).astype(np.float32)
+    u[..., 0], u[..., 1] = 0, 15
+    s = rng.uniform(0.01, 0.1, size=(16, 4, 1)).astype(np.float32)
+    m = rng.uniform(-0.5, 0.0, size=(16, 4, 1)).astype(np.float32)
+    w = (u * s + m).reshape(16, 128)
+    q = quantize_int4(w, 32, "asym-ls-float")
+    assert q.zero_points.dtype == np.float32
+    assert relative_error(w, dequantize_int4(q)) < 1e-5
+    assert relative_error(w, dequantize_int4(quantize_int4(w, 32, "asym-ls"))) > 1e-3

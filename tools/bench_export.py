@@ -189,6 +189,11 @@ def main() -> int:
         "int4-linears-sym-search": export(src, work / "int4-linears-symsearch", "int4", "--block-size", bs,
                                           "--int4-scheme", "sym-search", "--no-quantize-lm-head",
                                           "--no-quantize-embedding"),
+        "int4-linears-asym-ls": export(src, work / "int4-linears-asymls", "int4", "--block-size", bs, "--int4-scheme",
+                                       "asym-ls", "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "int4-linears-asym-ls-float": export(src, work / "int4-linears-asymlsf", "int4", "--block-size", bs,
+                                             "--int4-scheme", "asym-ls-float", "--no-quantize-lm-head",
+                                             "--no-quantize-embedding"),
         "int4-linears-sym7": export(src, work / "int4-linears-sym7", "int4", "--block-size", bs, "--int4-scheme",
                                     "sym", "--no-quantize-lm-head", "--no-quantize-embedding"),
         "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal",
@@ -205,7 +210,8 @@ def main() -> int:
     model = qosora.load(src, dtype=torch.float32, compute_dtype=torch.float32).eval()  # the exact stored function
     ids = eval_tokens(hf, args.ppl_tokens)
     ppl = {"torch (qosora.load)": torch_ppl(model, ids, args.chunk)}
-    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-sym7", "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym",
+    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-asym-ls-float",
+                 "int4-linears-sym7", "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym",
                  "ort-hqq", "int4-keep-principal", "int4", "int4-acc4", "nf4", "trt-int4"):
         ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     base = ppl["torch (qosora.load)"]

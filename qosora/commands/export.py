@@ -19,9 +19,10 @@ def add_parser(sub) -> None:
                    help="int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r branch; "
                         "fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (default: int4)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block along K (16..256, default 32)")
-    p.add_argument("--int4-scheme", default=None, choices=["sym", "sym-search", "asym", "asym-ls"],
+    p.add_argument("--int4-scheme", default=None, choices=["sym", "sym-search", "asym", "asym-ls", "asym-ls-float"],
                    help="sym: scale absmax/7; sym-search: per-block MSE-searched scale; asym: min/max + zero point; "
-                        "asym-ls: least-squares scale, integer zero point (default: asym for int4, sym for trt-int4)")
+                        "asym-ls: least-squares scale, integer zero point; asym-ls-float: float zero point (lowest error, "
+                        "slow CPU kernel) (default: asym for int4, sym for trt-int4)")
     p.add_argument("--accuracy-level", type=int, default=0,
                    help="MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 (faster CPU)")
     p.add_argument("--keep-principal", action="store_true",
