@@ -50,12 +50,23 @@ def check_rank(rank: int, shape: tuple[int, int], name: str = "weight") -> None:
         )
 
 
-def top_r_svd(W: torch.Tensor, rank: int, svd: SVDConfig = SVDConfig()) -> Principal:
-    """Top-`rank` singular triplets of W (fp32), by exact or randomized SVD.
+def randomized_svd(W: torch.Tensor, q: int, niter: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD (Halko, Martinsson, Tropp 2011) with q columns and `niter` power iterations, O(d_out d_in q).
 
-    Randomized: `torch.svd_lowrank` with q = rank + oversample columns and `niter` power iterations,
-    O(d_out d_in q) instead of O(d^3). Seeded per call so that prepare is deterministic.
+    The same algorithm as `torch.svd_lowrank`, but seeded through its own generator: it touches no global RNG
+    state, so prepare can decompose two weights at once in threads and stay deterministic.
     """
+    g = torch.Generator(device=W.device).manual_seed(seed)
+    Q = torch.linalg.qr(W @ torch.randn(W.shape[1], q, generator=g, device=W.device, dtype=W.dtype)).Q  # (d_out, q)
+    for _ in range(niter):  # re-orthonormalise every half step: fp32 loses the small directions otherwise
+        Q = torch.linalg.qr(W.mT @ Q).Q  # (d_in, q)
+        Q = torch.linalg.qr(W @ Q).Q     # (d_out, q)
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ W, full_matrices=False)  # (q, d_in) is small
+    return Q @ Ub, S, Vh
+
+
+def top_r_svd(W: torch.Tensor, rank: int, svd: SVDConfig = SVDConfig()) -> Principal:
+    """Top-`rank` singular triplets of W (fp32), by exact or randomized SVD (q = rank + oversample columns)."""
     check_rank(rank, tuple(W.shape))
     W = W.float()
     q = min(rank + svd.oversample, *W.shape)
@@ -63,10 +74,7 @@ def top_r_svd(W: torch.Tensor, rank: int, svd: SVDConfig = SVDConfig()) -> Princ
         # Small matrices (or a q close to full rank): the exact SVD is both faster and exact.
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     else:
-        with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
-            torch.manual_seed(svd.seed)
-            U, S, V = torch.svd_lowrank(W, q=q, niter=svd.niter)
-        Vh = V.mT
+        U, S, Vh = randomized_svd(W, q, svd.niter, svd.seed)
     return Principal(U[:, :rank].contiguous(), S[:rank].contiguous(), Vh[:rank].contiguous())
 
 

@@ -14,6 +14,7 @@ Without double quantization `absmax` is fp32 and the three absmax_* tensors are 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+@functools.lru_cache(maxsize=None)
 def _bnb():
     import logging
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -84,9 +86,15 @@ def select_modules(reader: CheckpointReader, config: PrepareConfig, filter_fn: F
     return sorted(modules, key=lambda m: (layer_index(m), m))
 
 
-def decompose_module(W: torch.Tensor, config: PrepareConfig, generator: torch.Generator):
-    """One weight -> (residual to store, factors, stats). All math in fp32 on W's device."""
+def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int):
+    """One weight -> (residual to store, factors, stats). All math in fp32 on W's device.
+
+    `seed` drives this module's randomized SVD and (QLoRA) its A init; no global RNG state is used, so modules can
+    be decomposed concurrently and the result does not depend on the order.
+    """
     spec = METHOD_SPECS[config.method]
+    generator = torch.Generator().manual_seed(seed)
+    config = replace(config, svd=replace(config.svd, seed=seed))
     q = config.quant
     quantized = q.quant_type == "nf4"
     roundtrip = lambda R: nf4_roundtrip(R, q.blocksize, q.double_quant, q.compute_dtype)  # noqa: E731
@@ -121,6 +129,34 @@ def decompose_module(W: torch.Tensor, config: PrepareConfig, generator: torch.Ge
     return stored, factors, stats
 
 
+def _in_order(fn, items: list, workers: int):
+    """Yield (item, fn(item)) in order, computing up to `workers` items ahead in threads.
+
+    On CPU two decompositions in two threads with one intra-op thread each beat one decomposition on two intra-op
+    threads by ~1.6x on SmolLM2: the small QR / SVD calls of a randomized SVD do not scale across threads. At most
+    `workers + 1` results are held at once, so memory stays a couple of weights.
+    """
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            window: deque = deque()
+            for item in items:
+                window.append((item, pool.submit(fn, item)))
+                if len(window) > workers:
+                    done, future = window.popleft()
+                    yield done, future.result()
+            while window:
+                done, future = window.popleft()
+                yield done, future.result()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def prepare(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -146,7 +182,6 @@ def prepare(
     modules = select_modules(reader, config, filter_fn)
     adapted = {f"{m}.weight" for m in modules}
     device = torch.device(device) if device is not None else default_device()
-    generator = torch.Generator().manual_seed(config.svd.seed)
 
     stats: dict[str, dict] = {}
     frozen = 0
@@ -155,29 +190,36 @@ def prepare(
         residual_writer = ShardedWriter(tmp, "residual", max_shard_bytes)
         adapter_writer = ShardedWriter(tmp, "adapter", max_shard_bytes=1 << 40)
         names = sorted(reader.names(), key=lambda n: (layer_index(n), n))
-        bar = tqdm(total=len(modules), desc=f"prepare {config.method} r={config.rank}", unit="linear", disable=not progress)
-        for name in names:
+        seeds = {m: config.svd.seed + i for i, m in enumerate(modules)}
+
+        def task(name: str):
             tensor = reader.get(name)
             if name not in adapted:
+                return tensor, None
+            module = name[: -len(".weight")]
+            return tensor, decompose_module(tensor.to(device), config, seeds[module])
+
+        bar = tqdm(total=len(modules), desc=f"prepare {config.method} r={config.rank}", unit="linear", disable=not progress)
+        spec = METHOD_SPECS[config.method]
+        for name, (tensor, result) in _in_order(task, names, workers=1 if device.type == "cuda" else 2):
+            frozen += tensor.numel()
+            if result is None:
                 base.add(name, tensor)
-                frozen += tensor.numel()
                 continue
             module = name[: -len(".weight")]
-            stored, factors, module_stats = decompose_module(tensor.to(device), config, generator)
+            stored, factors, module_stats = result
             if isinstance(stored, torch.Tensor):
                 residual_writer.add(f"{module}.residual", stored)
             else:
                 for k, t in stored.to_tensors(f"{module}.nf4").items():
                     residual_writer.add(k, t)
-            spec = METHOD_SPECS[config.method]
             for fname, t in factors.items():
                 adapter_writer.add(f"{module}.{fname}", t)
                 if fname not in spec.trainable:
                     frozen += t.numel()
-            frozen += tensor.numel()
             stats[module] = module_stats
             bar.update(1)
-            bar.set_postfix(err=f"{module_stats['rel_error']:.4f}")
+            bar.set_postfix(err=f"{module_stats['rel_error']:.4f}", refresh=False)
         bar.close()
         base.close()
         residual_writer.close()
