@@ -1,6 +1,6 @@
 """Real-model tier (SmolLM2-135M, 30 layers, all 7 projections, rank 64): quantization fidelity on real spectra.
 
-Measured here (BENCHMARKS.md): mean relative error 28.9 % below plain NF4 with one round, 45.6 % with 5 QPiSSA
+Measured here (BENCHMARKS.md): mean relative error 29.0 % below plain NF4 with one round, 45.6 % with 5 QPiSSA
 rounds. The thresholds below sit a little under what we measured, to catch regressions.
 """
 
