@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,6 @@ from qosora.export.graph import build_decoder_graph
 from qosora.export.source import WeightSource, open_source
 
 REPORT_NAME = "export_report.json"
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-              "chat_template.jinja", "generation_config.json", "config.json", "qosora_config.json", "vocab.json",
-              "merges.txt")
 
 
 def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: Format = "int4", *,
@@ -43,7 +39,9 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
     when the defaults suffice. `reference_model` is the PyTorch model to check against; by default it is loaded from
     `src` (qosora.load for a qosora directory, transformers for a HF directory). Returns the report dict.
     """
-    from qosora.artifact import atomic_directory
+    from qosora.artifact import atomic_directory, copy_side_files
+    from qosora.checkpoint import SIDE_FILES
+    from qosora.config import CONFIG_NAME
 
     t0 = time.perf_counter()
     opts = (options or ExportOptions(format=format)).validate()
@@ -55,9 +53,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         built = build_decoder_graph(source, opts, tmp, progress=bar)
         t_build = time.perf_counter() - t0
         if src_dir is not None:
-            for name in SIDE_FILES:
-                if (src_dir / name).is_file():
-                    shutil.copy2(src_dir / name, tmp / name)
+            copy_side_files(src_dir, tmp, SIDE_FILES + (CONFIG_NAME,))
         if not (tmp / "config.json").is_file():
             (tmp / "config.json").write_text(json.dumps(source.hf_config, indent=2, default=str))
         gen_cfg = json.loads((tmp / "generation_config.json").read_text()) if (tmp / "generation_config.json").is_file() else {}

@@ -203,8 +203,7 @@ def _is_adapted_bias(name: str, modules: list[str]) -> bool:
     return name.endswith(".bias") and name[: -len(".bias")] in set(modules)
 
 
-def write_adapter(model_or_layers, out_dir: Path, adapter_dtype: str) -> None:
-    layers = model_or_layers if isinstance(model_or_layers, dict) else adapter_layers(model_or_layers)
+def write_adapter(layers: dict[str, SVDAdapterLinear], out_dir: Path, adapter_dtype: str) -> None:
     writer = ShardedWriter(out_dir, "adapter", max_shard_bytes=1 << 40)
     for name, layer in layers.items():
         for fname, t in layer.factors().items():
