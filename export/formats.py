@@ -21,7 +21,9 @@ from typing import Literal
 import numpy as np
 from onnx import TensorProto
 
-from qosora.export.quantizers import INT4_SCHEMES, Int4Blocks, Int4Scheme, dequantize_int4, pack_low_first, quantize_int4, relative_error
+from qosora.export.quantizers import (INT4_SCHEMES, Int4Blocks, Int4Scheme, concat_rows, dequantize_int4,
+                                      int4_relative_error, pack_low_first, quantize_int4, relative_error,
+                                      split_float_zero_points)
 from qosora.export.source import WeightSource
 from qosora.export.writer import MS_DOMAIN, GraphWriter
 from qosora.errors import QosoraError
@@ -78,6 +80,7 @@ class LinearEmitter:
     def __init__(self, w: GraphWriter, src: WeightSource, opts: ExportOptions):
         self.w, self.src, self.opts, self.dtype = w, src, opts, opts.dtype
         self.errors: dict[str, dict] = {}
+        self._block_sums: dict[tuple[str, int], str] = {}
 
     def __call__(self, x: str, module: str) -> str:
         fmt, adapted = self.opts.format, self.src.is_adapted(module)
@@ -108,6 +111,32 @@ class LinearEmitter:
             y = self.w.op("Add", [y, self.w.initializer(module + ".bias", bias.astype(self.dtype), "bias")])
         return y
 
+    def fused(self, x: str, modules: list[str], name: str) -> list[str]:
+        """Several linears reading the same x (q/k/v, gate/up) as one int4 MatMulNBits and a Split: one kernel
+        launch instead of three, and the block-offset term of float zero points computed once.
+
+            x ──> MatMulNBits([W_q; W_k; W_v]) (+ [b_q; b_k; b_v]) ──> Split(N_q, N_k, N_v) ──> q, k, v
+
+        Rows are quantized one module at a time (blocks run along K), so the codes equal the unfused export's.
+        Other formats, and --keep-principal, emit one linear per module.
+        """
+        if self.opts.format != "int4" or self.opts.keep_principal:
+            return [self(x, m) for m in modules]
+        parts = []
+        for m in modules:
+            weight = self.src.dense(m)
+            q = self._int4(weight, m)
+            self.errors[m] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), "fused": name}
+            parts.append(q)
+            del weight
+        y = self.matmul_nbits(x, name, concat_rows(parts))
+        biases = [self.src.bias(m) for m in modules]
+        if any(b is not None for b in biases):
+            full = [np.zeros(p.codes.shape[0], np.float32) if b is None else b for p, b in zip(parts, biases)]
+            y = self.w.op("Add", [y, self.w.initializer(name + ".bias", np.concatenate(full).astype(self.dtype), "bias")])
+        sizes = [p.codes.shape[0] for p in parts]
+        return self.w.op("Split", [y, self.w.const(sizes, np.int64)], len(sizes), axis=-1)
+
     # -- pieces ---------------------------------------------------------------------------------------------
     def _int4(self, weight: np.ndarray, module: str) -> Int4Blocks:
         k = weight.shape[1]
@@ -125,17 +154,45 @@ class LinearEmitter:
 
     def matmul_nbits(self, x: str, name: str, q: Int4Blocks) -> str:
         """MatMulNBits: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales [N * K_pad/bs], zero points
-        uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8)."""
+        uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8).
+
+        Float zero points run on the uint8 kernel plus a block-offset term (`split_float_zero_points`):
+
+            x ──> MatMulNBits(codes, scales, round(z)) ───────────────────┐
+            │                                                           Add ──> y
+            └──> block sums [.., nb] ──> MatMul(offsets^T [nb, N]) ─────┘
+        """
         n, bs = q.codes.shape[0], q.block_size
         packed = pack_low_first(q.codes).reshape(n, -1, bs // 2)
         inputs = [x, self.w.initializer(name + ".qweight", packed, "int4"),
                   self.w.initializer(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales")]
-        if q.zero_points is not None and q.zero_points.dtype == np.uint8:
-            inputs.append(self.w.initializer(name + ".qzeros", pack_low_first(q.zero_points), "scales"))
-        elif q.zero_points is not None:  # float zero points [N * nb], same type as the scales
-            inputs.append(self.w.initializer(name + ".qzeros", q.zero_points.reshape(-1).astype(self.dtype), "scales"))
-        return self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=n, bits=4, block_size=bs,
-                         accuracy_level=self.opts.accuracy_level)
+        offsets = None
+        if q.zero_points is not None and q.zero_points.dtype != np.uint8:
+            zero_points, offsets = split_float_zero_points(q)
+        else:
+            zero_points = q.zero_points
+        if zero_points is not None:
+            inputs.append(self.w.initializer(name + ".qzeros", pack_low_first(zero_points), "scales"))
+        y = self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=n, bits=4, block_size=bs,
+                      accuracy_level=self.opts.accuracy_level)
+        if offsets is None:
+            return y
+        offsets_t = self.w.initializer(name + ".block_offsets_t", np.ascontiguousarray(offsets.T).astype(self.dtype),
+                                       "scales")
+        return self.w.op("Add", [y, self.w.op("MatMul", [self.block_sums(x, q.k, bs), offsets_t])])
+
+    def block_sums(self, x: str, k: int, block_size: int) -> str:
+        """x [B, S, K] -> [B, S, ceil(K / bs)]: the sum of x over each quantization block (zero-padded), built
+        once per input (q/k/v and gate/up share theirs)."""
+        key = (x, block_size)
+        if key not in self._block_sums:
+            nb = -(-k // block_size)
+            padded = x
+            if nb * block_size != k:
+                padded = self.w.op("Pad", [x, self.w.const([0, 0, 0, 0, 0, nb * block_size - k], np.int64)])
+            blocks = self.w.op("Reshape", [padded, self.w.const([0, 0, nb, block_size], np.int64)])
+            self._block_sums[key] = self.w.op("ReduceSum", [blocks, self.w.const([-1], np.int64)], keepdims=0)
+        return self._block_sums[key]
 
     def dequantize_linear(self, name: str, q: Int4Blocks) -> str:
         """Standard-ONNX int4: DequantizeLinear(int4 W^T [K, N], scale [K/bs, N], axis=0, block_size=bs) -> float [K, N].

@@ -20,7 +20,7 @@ import numpy as np
 
 from qosora.export import spec as io
 from qosora.export.formats import ExportOptions, LinearEmitter
-from qosora.export.quantizers import int4_relative_error, pack_low_first, quantize_int4
+from qosora.export.quantizers import Int4Blocks, int4_relative_error, pack_low_first, quantize_int4, split_float_zero_points
 from qosora.export.source import WeightSource
 from qosora.export.writer import MS_DOMAIN, GraphWriter, value_info
 
@@ -88,41 +88,71 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
     """input_ids [B, S] -> hidden [B, S, E].
 
     int4 with --quantize-embedding: GatherBlockQuantized over the int4 table (shared with a tied lm_head);
-    otherwise a plain Gather over the dense table.
+    otherwise a plain Gather over the dense table. GatherBlockQuantized takes uint8 zero points only, so float
+    zero points add their block offsets after the gather:
+
+        input_ids ─> GatherBlockQuantized(codes, scales, round(z)) ─> Reshape [B,S,nb,bs] ─> Add ─> Reshape [B,S,E]
+                  └> Gather(offsets [V, nb]) ─> Unsqueeze(-1) ──────────────────────────────┘
     """
     table = src.tensor("model.embed_tokens.weight")  # [V, E]
     bs = opts.block_size
     if opts.format == "int4" and opts.quantize_embedding and spec.hidden_size % bs == 0:
-        # GatherBlockQuantized takes uint8 zero points only.
-        q = quantize_int4(table, bs, "asym-ls" if opts.int4_scheme == "asym-ls-float" else opts.int4_scheme)
+        q = quantize_int4(table, bs, opts.int4_scheme)
         linear.errors["model.embed_tokens"] = {"shape": list(table.shape),
                                                "rel_error": int4_relative_error(table, q)}
-        v = table.shape[0]
-        data = w.initializer("model.embed_tokens.qweight", pack_low_first(q.codes).reshape(v, -1, bs // 2), "int4")
-        scales = w.initializer("model.embed_tokens.scales", q.scales.reshape(-1).astype(opts.dtype), "scales")
-        inputs = [w.op("Reshape", [data, w.const([v, spec.hidden_size // 2], np.int64)]), "input_ids",
-                  w.op("Reshape", [scales, w.const([v, -1], np.int64)])]
-        if q.zero_points is not None:
-            zp = w.initializer("model.embed_tokens.qzeros", pack_low_first(q.zero_points), "scales")
-            inputs.append(zp)
+        v, nb = table.shape[0], spec.hidden_size // bs
+        del table
+        zero_points, offsets = q.zero_points, None
+        if zero_points is not None and zero_points.dtype != np.uint8:
+            zero_points, offsets = split_float_zero_points(q)
+        table_q = _Int4Table(
+            q, w.initializer("model.embed_tokens.qweight", pack_low_first(q.codes).reshape(v, -1, bs // 2), "int4"),
+            w.initializer("model.embed_tokens.scales", q.scales.reshape(-1).astype(opts.dtype), "scales"),
+            None if zero_points is None else w.initializer("model.embed_tokens.qzeros", pack_low_first(zero_points),
+                                                           "scales"),
+            None if offsets is None else w.initializer("model.embed_tokens.block_offsets", offsets.astype(opts.dtype),
+                                                       "scales"))
+        inputs = [w.op("Reshape", [table_q.data, w.const([v, spec.hidden_size // 2], np.int64)]), "input_ids",
+                  w.op("Reshape", [table_q.scales, w.const([v, -1], np.int64)])]
+        if table_q.zero_points:
+            inputs.append(table_q.zero_points)
         hidden = w.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=4, block_size=bs,
                       gather_axis=0, quantize_axis=1)
-        return hidden, (q, data, scales, inputs[3] if len(inputs) > 3 else None)
+        if table_q.offsets:
+            off = w.op("Unsqueeze", [w.op("Gather", [table_q.offsets, "input_ids"], axis=0), w.const([-1], np.int64)])
+            blocks = w.op("Reshape", [hidden, w.const([0, 0, nb, bs], np.int64)])
+            hidden = w.op("Reshape", [w.op("Add", [blocks, off]), w.const([0, 0, spec.hidden_size], np.int64)])
+        return hidden, table_q
     emb = w.initializer("model.embed_tokens.weight", table.astype(opts.dtype), "embedding")
     return w.op("Gather", [emb, "input_ids"], axis=0), None
 
 
+@dataclass
+class _Int4Table:
+    """The int4 embedding's initializer names, kept for a tied lm_head to reuse the same bytes."""
+
+    q: Int4Blocks
+    data: str
+    scales: str
+    zero_points: str | None
+    offsets: str | None  # [V, nb] block offsets of float zero points
+
+
 def _lm_head(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.DecoderSpec,
-             linear: LinearEmitter, hidden: str, embed_q) -> None:
+             linear: LinearEmitter, hidden: str, embed_q: "_Int4Table | None") -> None:
     """hidden [B, S, E] -> logits [B, S, V]; int4 formats quantize it (a third of a small model's weights)."""
     tied = spec.tie_word_embeddings or not src.has_tensor("lm_head.weight")
     if opts.format in ("int4", "trt-int4") and opts.quantize_lm_head:
-        if opts.format == "int4" and tied and embed_q is not None and opts.int4_scheme != "asym-ls-float":
+        if opts.format == "int4" and tied and embed_q is not None:
             # Reuse the embedding's int4 table: MatMulNBits reads B [V, E/bs, bs/2] (same bytes).
-            q, data, scales, zp = embed_q
-            inputs = [hidden, data, scales] + ([zp] if zp else [])
-            w.op("MatMulNBits", inputs, outputs=["logits"], domain=MS_DOMAIN, K=q.k, N=q.codes.shape[0], bits=4,
-                 block_size=q.block_size, accuracy_level=opts.accuracy_level)
+            q = embed_q.q
+            inputs = [hidden, embed_q.data, embed_q.scales] + ([embed_q.zero_points] if embed_q.zero_points else [])
+            logits = w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=q.codes.shape[0], bits=4,
+                          block_size=q.block_size, accuracy_level=opts.accuracy_level)
+            if embed_q.offsets:  # float zero points: + block sums @ offsets^T (see LinearEmitter.matmul_nbits)
+                offsets_t = w.op("Transpose", [embed_q.offsets], perm=[1, 0])  # constant-folded at session start
+                logits = w.op("Add", [logits, w.op("MatMul", [linear.block_sums(hidden, q.k, q.block_size), offsets_t])])
+            w.op("Identity", [logits], outputs=["logits"])
             linear.errors["lm_head"] = dict(linear.errors["model.embed_tokens"], note="shared with embedding")
             return
         weight = src.tensor("lm_head.weight")
@@ -236,9 +266,10 @@ def _attention(w, spec: io.DecoderSpec, linear: LinearEmitter, x: str, i: int, c
     def heads(t: str, n: int) -> str:  # [B, S, n*D] -> [B, n, S, D]
         return w.op("Transpose", [w.op("Reshape", [t, w.const([0, 0, n, D], np.int64)])], perm=[0, 2, 1, 3])
 
-    q = _rotary(w, heads(linear(x, f"{p}.q_proj"), H), cos, sin, D)
-    k = _rotary(w, heads(linear(x, f"{p}.k_proj"), Hkv), cos, sin, D)
-    v = heads(linear(x, f"{p}.v_proj"), Hkv)
+    q, k, v = linear.fused(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], f"{p}.qkv_proj")
+    q = _rotary(w, heads(q, H), cos, sin, D)
+    k = _rotary(w, heads(k, Hkv), cos, sin, D)
+    v = heads(v, Hkv)
     k_all = w.op("Concat", [io.past_key_name(i), k], axis=2, outputs=[io.present_key_name(i)])
     v_all = w.op("Concat", [io.past_value_name(i), v], axis=2, outputs=[io.present_value_name(i)])
 
@@ -266,11 +297,11 @@ def _mlp(w: GraphWriter, linear: LinearEmitter, x: str, p: str) -> str:
     """SwiGLU: down( silu(gate(x)) * up(x) ),  silu(g) = g * sigmoid(g).
 
         x ─┬─> gate_proj ─> Sigmoid ─> Mul(g) ─┐
-           └─> up_proj ──────────────────────── Mul ─> down_proj
+           └─> up_proj ──────────────────────── Mul ─> down_proj      (int4: gate and up are one fused MatMulNBits)
     """
-    g = linear(x, f"{p}.mlp.gate_proj")
+    g, u = linear.fused(x, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], f"{p}.mlp.gate_up_proj")
     act = w.op("Mul", [g, w.op("Sigmoid", [g])])
-    return linear(w.op("Mul", [act, linear(x, f"{p}.mlp.up_proj")]), f"{p}.mlp.down_proj")
+    return linear(w.op("Mul", [act, u]), f"{p}.mlp.down_proj")
 
 
 def _cast(w: GraphWriter, x: str, to: str, src_dtype: str) -> str:

@@ -17,8 +17,10 @@ sent perplexity from 13.7 to 6e8. Schemes here:
     "asym-ls"     asym start, then alternate: codes given (s, z); (s, z) by least squares given the codes
                   (w ~ s (u - z) per block, z rounded to an integer), 10 rounds. Lowest weight error of the
                   integer-zero-point schemes; finds a grid the weights already sit on.
-    "asym-ls-float"  the same with a float zero point (MatMulNBits accepts them): lower error still, but no
-                  fast CPU kernel in onnxruntime (like its own HQQ quantizer's output).
+    "asym-ls-float"  the same with a float zero point: the grid's offset is free, so blocks that already sit on
+                  an offset grid (weights that came from GGUF Q4_1, or an NF4 block's asymmetric range) keep it.
+                  The exporter runs it on MatMulNBits' fast uint8-zero-point kernel plus a block-offset term
+                  (see `split_float_zero_points`); onnxruntime's CPU kernel for float zero points is ~15x slower.
 
 All functions are numpy, float32 in and out; no framework import.
 """
@@ -78,10 +80,19 @@ def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym", ch
     rows = max(1, chunk_elements // max(1, w.shape[1]))
     if w.shape[0] <= rows:
         return _quantize_rows(w, block_size, scheme)
-    parts = [_quantize_rows(w[i:i + rows], block_size, scheme) for i in range(0, w.shape[0], rows)]
-    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return concat_rows([_quantize_rows(w[i:i + rows], block_size, scheme) for i in range(0, w.shape[0], rows)])
+
+
+def concat_rows(parts: list[Int4Blocks]) -> Int4Blocks:
+    """Stack quantized weights along N (blocks run along K, so each row's codes are unchanged): the int4 form of
+    torch.cat([W_1, W_2, ...]) for a fused q/k/v or gate/up projection."""
+    first = parts[0]
+    if any(p.k != first.k or p.block_size != first.block_size or (p.zero_points is None) != first.symmetric
+           for p in parts):
+        raise ValueError("concat_rows: parts differ in K, block size or zero points")
+    zps = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
     return Int4Blocks(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]), zps,
-                      block_size, parts[0].k)
+                      first.block_size, first.k)
 
 
 def _quantize_rows(w: np.ndarray, block_size: int, scheme: Int4Scheme) -> Int4Blocks:
@@ -121,8 +132,8 @@ def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, integer
 
     Each round fits (s, m) of w ~ s u + m by least squares. With `integer_zero_point` (the default, "asym-ls") z =
     round(-m / s) and s is refitted with z fixed: uint8 zero points keep MatMulNBits on its fast kernels. Without
-    ("asym-ls-float") z = -m / s stays a float: lower error, but onnxruntime's CPU MatMulNBits has no fast path for
-    float zero points (SmolLM2's int4 decode fell from ~56 to ~3 tokens/s).
+    ("asym-ls-float") z = -m / s stays a float: lower error; the exporter splits it into an integer zero point and a
+    block offset (`split_float_zero_points`) to stay on the fast kernel.
     """
     lo, hi = wb.min(axis=-1, keepdims=True), wb.max(axis=-1, keepdims=True)
     if integer_zero_point:  # an integer z in [0, 15] needs 0 inside [lo, hi]
@@ -154,6 +165,19 @@ def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, integer
 def _sq_error(wb: np.ndarray, scale: np.ndarray) -> np.ndarray:
     q = np.clip(np.rint(wb / scale), -8, 7)
     return np.square(q * scale - wb).sum(axis=-1, keepdims=True)
+
+
+def split_float_zero_points(q: Int4Blocks) -> tuple[np.ndarray, np.ndarray]:
+    """Float zero points z -> (integer zero points z_i uint8, block offsets c float32), both [N, nb], with
+
+        s (u - z) = s (u - z_i) + c,     z_i = clip(round(z), 0, 15),  c = s (z_i - z)
+
+    so a float-zero-point weight runs as MatMulNBits with uint8 zero points (its fast kernels) plus a small
+    block-offset term: x W^T = MatMulNBits(x) + blocksum(x) c^T, blocksum(x)[b] = sum of x over block b.
+    """
+    z = q.zero_points.astype(np.float32)
+    zi = np.clip(np.rint(z), 0, 15)
+    return zi.astype(np.uint8), (q.scales * (zi - z)).astype(np.float32)
 
 
 def dequantize_int4(q: Int4Blocks) -> np.ndarray:

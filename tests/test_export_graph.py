@@ -48,17 +48,16 @@ def _quantized_reference(model, opts: ExportOptions):
     """The same model with every weight the int4 export quantizes replaced by deq(q(W)): the exact reference."""
     opts = opts.validate()
     mods = dict(model.named_modules())
+    embedding = opts.format == "int4" and opts.quantize_embedding and model.config.hidden_size % opts.block_size == 0
     with torch.no_grad():
-        if model.lm_head.weight is model.model.embed_tokens.weight and not (
-                opts.format == "int4" and opts.quantize_embedding):
+        if model.lm_head.weight is model.model.embed_tokens.weight and not embedding:
             model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # head only
         names = linear_modules(model) + (["lm_head"] if opts.quantize_lm_head else [])
-        if opts.format == "int4" and opts.quantize_embedding:
+        if embedding:
             names.append("model.embed_tokens")
         for m in names:
             w = mods[m].weight.detach().float().numpy()
-            scheme = "asym-ls" if m == "model.embed_tokens" and opts.int4_scheme == "asym-ls-float" else opts.int4_scheme
-            mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, scheme))))
+            mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, opts.int4_scheme))))
     return model
 
 
@@ -120,18 +119,22 @@ def test_left_padding_matches_torch(tmp_path):
 
 
 @pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64),
-                                               ("asym-ls", False, 32), ("asym-ls-float", False, 32)])
+                                               ("asym-ls", False, 32), ("asym-ls-float", False, 32),
+                                               ("asym-ls-float", True, 32), ("asym-ls-float", False, 128)])
 def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     model = tiny_model("llama", tied=tied)
     opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
     result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
-    assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 7 + 1
-    if scheme.startswith("asym"):  # packed uint8 zero points (fast kernels), float ones for asym-ls-float
-        import onnx as _onnx
-        zp = [t for t in _onnx.load(str(result.model_path)).graph.initializer if t.name.endswith("q_proj.qzeros")]
-        expected = _onnx.TensorProto.FLOAT if scheme == "asym-ls-float" else _onnx.TensorProto.UINT8
-        assert zp and zp[0].data_type == expected
-    assert result.op_counts["com.microsoft::GatherBlockQuantized"] == 1
+    assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 4 + 1  # fused q/k/v and gate/up, o, down; head
+    if scheme.startswith("asym"):  # packed uint8 zero points (the fast kernels), for float zero points too
+        inits = {t.name: t for t in onnx.load(str(result.model_path), load_external_data=False).graph.initializer}
+        assert inits["model.layers.0.self_attn.qkv_proj.qzeros"].data_type == onnx.TensorProto.UINT8
+        # float zero points: the rest of z is a block-offset term, one block-sum per distinct input
+        assert ("model.layers.0.self_attn.qkv_proj.block_offsets_t" in inits) == (scheme == "asym-ls-float")
+        if scheme == "asym-ls-float":
+            assert result.op_counts["ReduceSum"] == 2 * 4 + 1  # per layer q/k/v, o, gate/up, down; lm_head
+            assert ("model.embed_tokens.block_offsets" in inits) == (block <= 64)  # E = 64: 128 leaves it float
+    assert result.op_counts.get("com.microsoft::GatherBlockQuantized", 0) == (block <= 64)  # needs bs | E = 64
     ids = _ids()
     original = _torch_logits(model, ids)
     got = _logits(_session(result.model_path), model, ids)["logits"]
@@ -141,6 +144,20 @@ def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     errs = [e["rel_error"] for e in result.layer_errors.values()]
     assert 0.01 < max(errs) < 0.2
     assert _rel(got, original) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_fused_int4_projections_keep_biases_and_match(tmp_path, arch):
+    """q/k/v and gate/up fused into one MatMulNBits each: Qwen2's q/k/v biases ride along, Mistral's GQA splits."""
+    model = tiny_model(arch)
+    opts = ExportOptions(format="int4", int4_scheme="asym-ls-float", block_size=32)
+    result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
+    assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 4 + 1
+    ids = _ids()
+    got = _logits(_session(result.model_path), model, ids)["logits"]
+    assert _rel(got, _torch_logits(_quantized_reference(model, opts), ids)) < 1e-4
+    assert {e.get("fused") for m, e in result.layer_errors.items() if m.endswith("k_proj")} == {
+        f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)}
 
 
 def test_trt_int4_is_standard_onnx_and_matches(tmp_path):
