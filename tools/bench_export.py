@@ -10,8 +10,9 @@ What it measures, every figure against an anchor from the same run:
   2. Greedy agreement over 64 new tokens on 5 prompts: nf4 (and int4) vs the PyTorch model.
   3. Decode tokens/s and prefill ms (64-token prompt, 128 new tokens, batch 1, 1 and 2 threads, median of runs
      alternated between variants): fp32 vs our int4 (+ int4 lm_head/embedding) vs ORT-quantized int4.
-  4. Export wall time and peak RSS (each export in its own process) vs the fp32 checkpoint size, and
-     fp32 export + ORT quantizer time.
+  4. Export wall time and peak RSS (each export in its own process) vs the fp32 checkpoint size, and with
+     --optimum-python, optimum's export of the merged model + ORT's int4 quantizer (a separate venv: optimum-onnx
+     pins transformers < 4.58; tools/setup_optimum_env.sh makes one).
 Caveat: SmolLM2's weights in this fixture went through GGUF Q4_1 once; compare methods on the same weights only.
 """
 
@@ -78,6 +79,28 @@ for f in src.iterdir():
     wall, rss, _ = run_timed([sys.executable, "-c", code])
     return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
             "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
+
+
+def optimum_anchor(python: Path, src: Path, work: Path, block_size: int) -> dict:
+    """optimum's ONNX export of the merged fp32 model (validation off, as our exports run with --no-check), then
+    onnxruntime's int4 quantizer (RTN asymmetric, its fastest, and HQQ) on that graph: the route a user takes
+    without qosora. The merge itself (qosora merge) is timed separately and not added to the anchor."""
+    merged = work / "merged-fp32"
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_s, _, _ = run_timed([sys.executable, "-m", "qosora", "merge", str(src), "--out", str(merged),
+                               "--dtype", "float32"])
+    out = work / "optimum-fp32"
+    shutil.rmtree(out, ignore_errors=True)
+    code = ("from optimum.exporters.onnx import main_export; "
+            f"main_export({str(merged)!r}, output={str(out)!r}, task='text-generation-with-past', do_validation=False)")
+    wall, rss, _ = run_timed([str(python), "-c", code])
+    result = {"merge_s": round(merge_s, 2), "optimum_export_s": round(wall, 2), "optimum_peak_rss_mb": round(rss, 1)}
+    for kind in ("rtn-asym", "hqq"):
+        q = ort_quantize(out, work / f"optimum-{kind}", kind, block_size)
+        result[f"ort_{kind}_s"] = q["wall_s"]
+        result[f"ort_{kind}_peak_rss_mb"] = q["peak_rss_mb"]
+        result[f"optimum_plus_{kind}_s"] = round(wall + q["wall_s"], 2)
+    return result
 
 
 def eval_tokens(src: Path, n_tokens: int) -> list[int]:
@@ -153,6 +176,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--optimum-python", type=Path, default=None,
+                    help="python of a separate venv with optimum-onnx (it pins transformers < 4.58): times optimum's "
+                         "export of the merged model + onnxruntime's int4 quantizer as the export-time anchor")
     ap.add_argument("--out", type=Path, default=Path("bench_export.json"))
     args = ap.parse_args()
 
@@ -178,31 +204,31 @@ def main() -> int:
 
     # -- 1. exports -----------------------------------------------------------------------------------------
     print("exporting ...", file=sys.stderr)
+    lin = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's quantizers touch
     ex = {
         "fp32": export(src, work / "fp32", "fp32"),
-        "int4": export(src, work / "int4", "int4", "--block-size", bs),
+        "int4": export(src, work / "int4", "int4", "--block-size", bs),  # default scheme asym-ls-float
+        "int4-asym": export(src, work / "int4-asym", "int4", "--block-size", bs, "--int4-scheme", "asym"),
         "int4-acc4": export(src, work / "int4-acc4", "int4", "--block-size", bs, "--accuracy-level", "4"),
-        "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs,
-                               "--no-quantize-lm-head", "--no-quantize-embedding"),
+        "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs, *lin),
         "int4-linears-asym": export(src, work / "int4-linears-asym", "int4", "--block-size", bs, "--int4-scheme",
-                                    "asym", "--no-quantize-lm-head", "--no-quantize-embedding"),
-        "int4-linears-sym-search": export(src, work / "int4-linears-symsearch", "int4", "--block-size", bs,
-                                          "--int4-scheme", "sym-search", "--no-quantize-lm-head",
-                                          "--no-quantize-embedding"),
+                                    "asym", *lin),
         "int4-linears-asym-ls": export(src, work / "int4-linears-asymls", "int4", "--block-size", bs, "--int4-scheme",
-                                       "asym-ls", "--no-quantize-lm-head", "--no-quantize-embedding"),
-        "int4-linears-asym-ls-float": export(src, work / "int4-linears-asymlsf", "int4", "--block-size", bs,
-                                             "--int4-scheme", "asym-ls-float", "--no-quantize-lm-head",
-                                             "--no-quantize-embedding"),
+                                       "asym-ls", *lin),
+        "int4-linears-sym-search": export(src, work / "int4-linears-symsearch", "int4", "--block-size", bs,
+                                          "--int4-scheme", "sym-search", *lin),
         "int4-linears-sym7": export(src, work / "int4-linears-sym7", "int4", "--block-size", bs, "--int4-scheme",
-                                    "sym", "--no-quantize-lm-head", "--no-quantize-embedding"),
-        "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal",
-                                      "--no-quantize-lm-head", "--no-quantize-embedding"),
+                                    "sym", *lin),
+        "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal", *lin),
+        "int4-keep-principal-asym": export(src, work / "int4-kp-asym", "int4", "--block-size", bs, "--keep-principal",
+                                           "--int4-scheme", "asym", *lin),
         "nf4": export(src, work / "nf4", "nf4"),
         "trt-int4": export(src, work / "trt-int4", "trt-int4", "--block-size", bs),
     }
     for kind in ("rtn-sym", "rtn-asym", "hqq"):
         ex[f"ort-{kind}"] = ort_quantize(work / "fp32", work / f"ort-{kind}", kind, args.block_size)
+    if args.optimum_python:
+        results["optimum_anchor"] = optimum_anchor(args.optimum_python, src, work, args.block_size)
     results["exports"] = ex
 
     # -- 2. perplexity --------------------------------------------------------------------------------------
@@ -210,9 +236,9 @@ def main() -> int:
     model = qosora.load(src, dtype=torch.float32, compute_dtype=torch.float32).eval()  # the exact stored function
     ids = eval_tokens(hf, args.ppl_tokens)
     ppl = {"torch (qosora.load)": torch_ppl(model, ids, args.chunk)}
-    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-asym-ls-float",
-                 "int4-linears-sym7", "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym",
-                 "ort-hqq", "int4-keep-principal", "int4", "int4-acc4", "nf4", "trt-int4"):
+    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-sym7",
+                 "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "int4-keep-principal",
+                 "int4-keep-principal-asym", "int4", "int4-asym", "int4-acc4", "nf4", "trt-int4"):
         ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     base = ppl["torch (qosora.load)"]
     results["perplexity"] = {"tokens": len(ids), "values": ppl, "increase": {k: v - base for k, v in ppl.items()}}
@@ -231,7 +257,7 @@ def main() -> int:
     if not args.skip_speed:
         print("speed ...", file=sys.stderr)
         prompt = (ids * 2)[:64]
-        names = ["fp32", "int4", "int4-acc4", "ort-rtn-asym", "trt-int4", "nf4"]
+        names = ["fp32", "int4", "int4-asym", "int4-acc4", "ort-rtn-asym", "ort-hqq", "trt-int4", "nf4"]
         speed: dict = {}
         for threads in [int(t) for t in args.threads.split(",")]:
             runs: dict[str, list] = {n: [] for n in names}
@@ -257,6 +283,11 @@ def print_tables(r: dict) -> None:
         print(f"  {k:<20} {v['wall_s']:>6.1f}   {v['peak_rss_mb']:>9.0f}   {v['onnx_mb']:>7.1f}   "
               f"{v.get('mean_rel_error', float('nan')):.4f}")
     print(f"  fp32 checkpoint: {r['fp32_checkpoint_mb']:.0f} MB")
+    if "optimum_anchor" in r:
+        a = r["optimum_anchor"]
+        print(f"  anchor: optimum export {a['optimum_export_s']:.1f} s (peak {a['optimum_peak_rss_mb']:.0f} MB) + ORT "
+              f"RTN-asym {a['ort_rtn-asym_s']:.1f} s = {a['optimum_plus_rtn-asym_s']:.1f} s; + HQQ = "
+              f"{a['optimum_plus_hqq_s']:.1f} s; our int4 {r['exports']['int4']['wall_s']:.1f} s")
     p = r["perplexity"]
     print(f"\nperplexity on {p['tokens']} tokens          ppl      increase vs PyTorch")
     for k, v in p["values"].items():

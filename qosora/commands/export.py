@@ -20,9 +20,10 @@ def add_parser(sub) -> None:
                         "fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (default: int4)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block along K (16..256, default 32)")
     p.add_argument("--int4-scheme", default=None, choices=["sym", "sym-search", "asym", "asym-ls", "asym-ls-float"],
-                   help="sym: scale absmax/7; sym-search: per-block MSE-searched scale; asym: min/max + zero point; "
-                        "asym-ls: least-squares scale, integer zero point; asym-ls-float: float zero point (lowest error, "
-                        "slow CPU kernel) (default: asym for int4, sym for trt-int4)")
+                   help="asym-ls-float: least-squares scale and float zero point, run as uint8 zero point + block "
+                        "offset (lowest error); asym: min/max + integer zero point (fastest int4 decode); asym-ls: "
+                        "least-squares, integer zero point; sym: scale absmax/7; sym-search: MSE-searched scale "
+                        "(default: asym-ls-float for int4, sym for trt-int4)")
     p.add_argument("--accuracy-level", type=int, default=0,
                    help="MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 (faster CPU)")
     p.add_argument("--keep-principal", action="store_true",
