@@ -47,6 +47,9 @@ class ExportOptions:
     keep_principal: bool = False  # int4 / trt-int4: quantize only W_res, keep B A as a float branch
     quantize_lm_head: bool = True  # int4 / trt-int4
     quantize_embedding: bool = True  # int4 only (GatherBlockQuantized)
+    # "gqa": onnxruntime's fused GroupQueryAttention (rotary inside; CPU and CUDA); "standard": default-domain ops
+    # only (any runtime, TensorRT). None: gqa for the com.microsoft formats (int4, nf4), standard otherwise.
+    attention: Literal["gqa", "standard"] | None = None
 
     @property
     def dtype(self) -> str:
@@ -58,6 +61,12 @@ class ExportOptions:
             raise QosoraError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.int4_scheme is None:
             return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "asym-ls-float").validate()
+        if self.attention is None:
+            return replace(self, attention="gqa" if self.format in ("int4", "nf4") else "standard").validate()
+        if self.attention not in ("gqa", "standard"):
+            raise QosoraError(f"unknown --attention {self.attention!r}; choose gqa or standard")
+        if self.attention == "gqa" and self.format == "trt-int4":
+            raise QosoraError("trt-int4 is standard ONNX only (TensorRT parses no GroupQueryAttention): use --attention standard")
         if self.int4_scheme not in INT4_SCHEMES:
             raise QosoraError(f"unknown int4 scheme {self.int4_scheme!r}; choose one of {', '.join(INT4_SCHEMES)}")
         if self.block_size not in (16, 32, 64, 128, 256):

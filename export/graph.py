@@ -56,13 +56,18 @@ def build_decoder_graph(src: WeightSource, opts: ExportOptions, out_dir: Path,
         embed_q = None
         with w.scope("model/embed_tokens"):
             hidden, embed_q = _embedding(w, src, opts, spec, linear)
-        with w.scope("model/rotary"):
-            cos, sin = _rotary_tables(w, spec, dt)
         with w.scope("model/mask"):
             mask = _attention_mask(w, spec)
+        if opts.attention == "gqa":
+            with w.scope("model/gqa"):
+                attend = _gqa_inputs(w, spec, linear, mask, dt)
+        else:
+            with w.scope("model/rotary"):
+                cos, sin = _rotary_tables(w, spec, dt)
+            attend = lambda x, i: _attention(w, spec, linear, x, i, cos, sin, mask, dt)  # noqa: E731
         for i in range(spec.num_layers):
             with w.scope(f"model/layers.{i}"):
-                hidden = _decoder_layer(w, src, spec, linear, hidden, i, cos, sin, mask, dt)
+                hidden = _decoder_layer(w, src, spec, linear, hidden, i, attend, dt)
             if progress:
                 progress(i + 1, spec.num_layers)
         with w.scope("model/norm"):
@@ -217,7 +222,7 @@ def _attention_mask(w: GraphWriter, spec: io.DecoderSpec) -> str:
 
 # -- decoder layer ---------------------------------------------------------------------------------------------
 
-def _decoder_layer(w, src, spec, linear, hidden, i, cos, sin, mask, dt) -> str:
+def _decoder_layer(w, src, spec, linear, hidden, i, attend, dt) -> str:
     """
         hidden ─┬─> RMSNorm ─> attention(past_i -> present_i) ─> Add ─┬─> RMSNorm ─> SwiGLU MLP ─> Add ─> out
                 └──────────────────────────────────────────────────────┘└───────────────────────────────┘
@@ -227,7 +232,7 @@ def _decoder_layer(w, src, spec, linear, hidden, i, cos, sin, mask, dt) -> str:
         g = w.initializer(f"{p}.input_layernorm.weight", src.tensor(f"{p}.input_layernorm.weight").astype(dt), "norm")
         x = _rms_norm(w, hidden, g, spec.rms_norm_eps, dt)
     with w.scope("self_attn"):
-        hidden = w.op("Add", [hidden, _attention(w, spec, linear, x, i, cos, sin, mask, dt)])
+        hidden = w.op("Add", [hidden, attend(x, i)])
     with w.scope("post_attention_layernorm"):
         g = w.initializer(f"{p}.post_attention_layernorm.weight",
                           src.tensor(f"{p}.post_attention_layernorm.weight").astype(dt), "norm")
@@ -284,6 +289,47 @@ def _attention(w, spec: io.DecoderSpec, linear: LinearEmitter, x: str, i: int, c
     ctx = w.op("Transpose", [w.op("Reshape", [ctx, w.const([0, H, -1, D], np.int64)])], perm=[0, 2, 1, 3])
     ctx = w.op("Reshape", [ctx, w.const([0, 0, H * D], np.int64)])  # [B, S, H*D]
     return linear(ctx, f"{p}.o_proj")
+
+
+def _gqa_inputs(w: GraphWriter, spec: io.DecoderSpec, linear: LinearEmitter, mask: str, dt: str):
+    """The per-step inputs of onnxruntime's fused GroupQueryAttention, built once; returns attend(x, layer).
+
+        T = attention_mask.shape[1] ─> Cast(int32) = total_sequence_length;  Expand(T - 1, [B]) = seqlens_k
+        cos/sin caches [max_positions, D/2] (rotary applied inside the op at position_ids)
+        mask [B,1,1,S,T] ─> Squeeze(1) = attention_bias [B,1,S,T]   (padding and the sliding window, as in the
+                                                                      standard path; the op adds causality)
+
+    Every cache row counts as valid (seqlens_k = T - 1): padding is masked by the bias, so left padding and
+    position_ids behave exactly as in the standard-op graph.
+    """
+    t = w.op("Gather", [w.op("Shape", ["attention_mask"]), w.const([1], np.int64)], axis=0)  # [1]
+    batch = w.op("Gather", [w.op("Shape", ["attention_mask"]), w.const([0], np.int64)], axis=0)  # [1]
+    total = w.op("Cast", [w.op("Squeeze", [t])], to=6)  # int32 scalar
+    seqlens_k = w.op("Cast", [w.op("Expand", [w.op("Sub", [t, w.const([1], np.int64)]), batch])], to=6)  # [B]
+    bias = _cast(w, w.op("Squeeze", [mask, w.const([1], np.int64)]), dt, "float32")
+    positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
+    freqs = positions * np.asarray(spec.inv_freq, np.float32)[None, :]  # [max_positions, D/2]
+    cos = w.initializer("model.rotary.cos_cache", np.cos(freqs).astype(dt), "rotary")
+    sin = w.initializer("model.rotary.sin_cache", np.sin(freqs).astype(dt), "rotary")
+    return lambda x, i: _fused_attention(w, spec, linear, x, i, (seqlens_k, total, cos, sin, bias))
+
+
+def _fused_attention(w: GraphWriter, spec: io.DecoderSpec, linear: LinearEmitter, x: str, i: int, shared) -> str:
+    """Grouped-query attention as one com.microsoft GroupQueryAttention node (rotary inside, KV cache BNSH):
+
+        x ─> q/k/v proj ─> GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, T, cos, sin, position_ids, bias)
+                               ├─> out [B, S, H*D] ─> o_proj
+                               └─> present_k, present_v [B, Hkv, T, D]
+    """
+    seqlens_k, total, cos, sin, bias = shared
+    p = f"model.layers.{i}.self_attn"
+    q, k, v = linear.fused(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], f"{p}.qkv_proj")
+    out = w.op("GroupQueryAttention",
+               [q, k, v, io.past_key_name(i), io.past_value_name(i), seqlens_k, total, cos, sin, "position_ids", bias],
+               outputs=[f"/model/layers.{i}/self_attn/attention", io.present_key_name(i), io.present_value_name(i)],
+               domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1,
+               scale=float(spec.head_dim ** -0.5))[0]
+    return linear(out, f"{p}.o_proj")
 
 
 def _rotary(w: GraphWriter, x: str, cos: str, sin: str, d: int) -> str:

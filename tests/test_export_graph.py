@@ -62,26 +62,29 @@ def _quantized_reference(model, opts: ExportOptions):
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", True)])
-def test_fp32_graph_matches_torch(tmp_path, arch, tied):
+@pytest.mark.parametrize("attention", ["standard", "gqa"])  # standard ops, onnxruntime's fused op
+def test_fp32_graph_matches_torch(tmp_path, arch, tied, attention):
     model = tiny_model(arch, tied=tied)
-    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path)
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path)
     ids = _ids()
     got = _logits(_session(result.model_path), model, ids)["logits"]
     assert _rel(got, _torch_logits(model, ids)) < 1e-4
-    if arch == "qwen2":
+    assert result.op_counts.get("com.microsoft::GroupQueryAttention", 0) == (2 if attention == "gqa" else 0)
+    if arch == "qwen2" and attention == "standard":
         assert result.op_counts["Add"] == 15 + 3 * 2  # llama has 15 Adds; plus q/k/v bias in 2 layers
 
 
-def test_rope_llama3_scaling_and_sliding_window(tmp_path):
+@pytest.mark.parametrize("attention", ["standard", "gqa"])  # standard ops, onnxruntime's fused op
+def test_rope_llama3_scaling_and_sliding_window(tmp_path, attention):
     rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     model = tiny_model("llama", rope_parameters=rope)
-    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path / "l3")
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path / "l3")
     ids = _ids(seq=40)
     assert _rel(_logits(_session(result.model_path), model, ids)["logits"], _torch_logits(model, ids)) < 1e-4
 
     model = tiny_model("mistral", sliding_window=4)
-    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path / "sw")
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path / "sw")
     ids = _ids(seq=12)
     got = _logits(_session(result.model_path), model, ids)["logits"]
     assert _rel(got, _torch_logits(model, ids)) < 1e-4
@@ -90,9 +93,10 @@ def test_rope_llama3_scaling_and_sliding_window(tmp_path):
     assert _rel(got, _torch_logits(full, ids)) > 1e-3
 
 
-def test_prefill_then_decode_equals_full_forward(tmp_path):
+@pytest.mark.parametrize("attention", ["standard", "gqa"])  # standard ops, onnxruntime's fused op
+def test_prefill_then_decode_equals_full_forward(tmp_path, attention):
     model = tiny_model("llama")
-    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path).model_path)
+    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path).model_path)
     ids = _ids(seq=10)
     full = _logits(sess, model, ids)["logits"]
     out = _logits(sess, model, ids[:, :6])
@@ -105,9 +109,10 @@ def test_prefill_then_decode_equals_full_forward(tmp_path):
     assert _rel(np.concatenate(steps, axis=1), full) < 1e-5
 
 
-def test_left_padding_matches_torch(tmp_path):
+@pytest.mark.parametrize("attention", ["standard", "gqa"])  # standard ops, onnxruntime's fused op
+def test_left_padding_matches_torch(tmp_path, attention):
     model = tiny_model("qwen2")
-    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32"), tmp_path).model_path)
+    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path).model_path)
     ids = _ids(seq=8)
     mask = np.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded

@@ -209,6 +209,7 @@ def main() -> int:
         "fp32": export(src, work / "fp32", "fp32"),
         "int4": export(src, work / "int4", "int4", "--block-size", bs),  # default scheme asym-ls-float
         "int4-asym": export(src, work / "int4-asym", "int4", "--block-size", bs, "--int4-scheme", "asym"),
+        "int4-standard-attn": export(src, work / "int4-std", "int4", "--block-size", bs, "--attention", "standard"),
         "int4-acc4": export(src, work / "int4-acc4", "int4", "--block-size", bs, "--accuracy-level", "4"),
         "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs, *lin),
         "int4-linears-asym": export(src, work / "int4-linears-asym", "int4", "--block-size", bs, "--int4-scheme",
@@ -257,7 +258,8 @@ def main() -> int:
     if not args.skip_speed:
         print("speed ...", file=sys.stderr)
         prompt = (ids * 2)[:64]
-        names = ["fp32", "int4", "int4-asym", "int4-acc4", "ort-rtn-asym", "ort-hqq", "trt-int4", "nf4"]
+        names = ["fp32", "int4", "int4-standard-attn", "int4-asym", "int4-acc4", "ort-rtn-asym", "ort-hqq", "trt-int4",
+                 "nf4"]
         speed: dict = {}
         for threads in [int(t) for t in args.threads.split(",")]:
             runs: dict[str, list] = {n: [] for n in names}
