@@ -50,11 +50,14 @@ class ExportOptions:
     # "gqa": onnxruntime's fused GroupQueryAttention (rotary inside; CPU and CUDA); "standard": default-domain ops
     # only (any runtime, TensorRT). None: gqa for the com.microsoft formats (int4, nf4), standard otherwise.
     attention: Literal["gqa", "standard"] | None = None
+    # Activations, KV cache and logits. None: float16 for fp16, float32 otherwise. onnxruntime-gpu's
+    # GroupQueryAttention runs only in float16/bfloat16, so int4/nf4 graphs for CUDA want io_dtype="float16".
+    io_dtype: Literal["float32", "float16"] | None = None
 
     @property
     def dtype(self) -> str:
         """Activation / cache / logits dtype of the graph."""
-        return "float16" if self.format == "fp16" else "float32"
+        return self.io_dtype or ("float16" if self.format == "fp16" else "float32")
 
     def validate(self) -> "ExportOptions":
         if self.format not in FORMATS:
@@ -63,6 +66,10 @@ class ExportOptions:
             return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "asym-ls-float").validate()
         if self.attention is None:
             return replace(self, attention="gqa" if self.format in ("int4", "nf4") else "standard").validate()
+        if self.io_dtype not in (None, "float32", "float16"):
+            raise QosoraError(f"unknown --io-dtype {self.io_dtype!r}; choose float32 or float16")
+        if self.format in ("fp16", "fp32") and self.io_dtype not in (None, "float" + self.format[2:]):
+            raise QosoraError(f"--format {self.format} fixes the graph dtype: drop --io-dtype")
         if self.attention not in ("gqa", "standard"):
             raise QosoraError(f"unknown --attention {self.attention!r}; choose gqa or standard")
         if self.attention == "gqa" and self.format == "trt-int4":

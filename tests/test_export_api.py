@@ -10,7 +10,6 @@ import pytest
 from export_helpers import tiny_model
 from qosora.errors import QosoraError
 from qosora.export import ExportOptions, export_onnx
-from qosora.export import graph as graph_module
 
 
 def write_tiny_tokenizer(directory, vocab_size: int = 128) -> None:

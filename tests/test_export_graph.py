@@ -262,3 +262,20 @@ def test_options_are_validated():
         ExportOptions(format="fp16", keep_principal=True).validate()
     with pytest.raises(QosoraError, match="unknown --format"):
         ExportOptions(format="int8").validate()
+
+
+@pytest.mark.parametrize("fmt,tol", [("int4", 5e-3), ("nf4", 3e-2), ("trt-int4", 5e-3)])
+def test_float16_io_matches_float32_io(tmp_path, fmt, tol):
+    """--io-dtype float16 (what onnxruntime-gpu's GroupQueryAttention needs): same weights, half-precision
+    activations and cache; within fp16 rounding of the float32 graph."""
+    model = tiny_model("qwen2")
+    src = AdaptedSource(model, rank=4) if fmt == "nf4" else HFSource.from_model(model)
+    ids = _ids()
+    out = {}
+    for dt in ("float32", "float16"):
+        result = build_decoder_graph(src, ExportOptions(format=fmt, io_dtype=dt), tmp_path / dt)
+        out[dt] = _logits(_session(result.model_path), model, ids)
+    assert out["float16"]["logits"].dtype == np.float16 and out["float16"]["present.0.key"].dtype == np.float16
+    assert _rel(out["float16"]["logits"], out["float32"]["logits"].astype(np.float64)) < tol
+    with pytest.raises(QosoraError, match="drop --io-dtype"):
+        ExportOptions(format="fp32", io_dtype="float16").validate()

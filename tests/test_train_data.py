@@ -97,7 +97,7 @@ def test_bad_line_reports_file_and_line(tmp_path, line, why):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, "", line])
     with pytest.raises(QosoraError) as e:
         read_jsonl(path)
-    assert f"d.jsonl:3: " in str(e.value) and why in str(e.value)
+    assert "d.jsonl:3: " in str(e.value) and why in str(e.value)
 
 
 def test_truncation_and_empty_file(tmp_path):

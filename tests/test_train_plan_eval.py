@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from qosora.train.plan import GiB, ModelDims, plan
 from test_train_data import write_jsonl
@@ -58,7 +57,7 @@ def test_plan_cli_json_and_fit(capsys):
 
 def test_eval_loss_ppl_and_exact_match(tmp_path, capsys):
     from qosora.cli import main
-    from qosora.train.evaluate import evaluate, extract_answer
+    from qosora.train.evaluate import evaluate
 
     prepared = make_prepared(tmp_path, "pissa")
     data = reversal_data(tmp_path / "d.jsonl", n=12)

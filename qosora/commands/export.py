@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     p.add_argument("--attention", default=None, choices=["gqa", "standard"],
                    help="gqa: onnxruntime's fused GroupQueryAttention; standard: default-domain ops only "
                         "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
+    p.add_argument("--io-dtype", default=None, choices=["float32", "float16"],
+                   help="activations, KV cache and logits of int4/nf4/trt-int4 graphs (default float32); use float16 "
+                        "for onnxruntime-gpu, whose GroupQueryAttention needs it")
     p.add_argument("--keep-principal", action="store_true",
                    help="int4/trt-int4: requantize only the residual, keep the adapter as a float low-rank branch")
     p.add_argument("--no-quantize-lm-head", action="store_true", help="keep lm_head dense in int4 formats")
@@ -48,6 +51,7 @@ def run(args) -> int:
     opts = ExportOptions(
         format=args.format, block_size=args.block_size, int4_scheme=args.int4_scheme,
         accuracy_level=args.accuracy_level, keep_principal=args.keep_principal, attention=args.attention,
+        io_dtype=args.io_dtype,
         quantize_lm_head=not args.no_quantize_lm_head, quantize_embedding=not args.no_quantize_embedding,
     )
     report = export_onnx(args.directory, args.onnx, options=opts, check=not args.no_check,

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,95 +36,13 @@ from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
 from qosora.errors import QosoraError
 from qosora.layer import adapter_layers, mark_only_adapters_trainable
 from qosora.train import checkpoint, distributed
-from qosora.train.data import BatchOrder, Example, collate, load_examples, pack, split_holdout
+from qosora.train.config import DEFAULT_GAMMA, DEFAULT_LR, TRAIN_CONFIG, TrainConfig, TrainResult, check_resume_config
+from qosora.train.data import BatchOrder, collate, load_examples, pack, split_holdout
 from qosora.train.evaluate import autocast_context, eval_loss
 from qosora.train.loss import causal_lm_loss
-from qosora.train.optim import OPTIMS, effective_optim, make_optimizer
+from qosora.train.metrics import LOSS_PLOT, METRICS, MetricsLog, plot_loss
+from qosora.train.optim import cosine_with_warmup, effective_optim, make_optimizer
 from qosora.train.regularizer import add_regularizer_grad, orthonormality
-
-# Learning rates that work for short runs of each method (the paper values are for multi-epoch 7B runs:
-# SORSA 3e-5, PiSSA 2e-5). OSoRA trains only S and O, a few thousand numbers a layer, and needs a larger one.
-DEFAULT_LR = {"sorsa": 1e-4, "osora": 2e-3, "pissa": 1e-4, "qlora": 2e-4}
-DEFAULT_GAMMA = 4e-4  # SORSA paper; ignored by the other methods
-TRAIN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every option of a training run; written to OUT/train_config.json and checked again on --resume."""
-
-    data: str
-    out: str
-    eval_data: str | None = None
-    eval_fraction: float = 0.0
-    steps: int | None = None            # exactly one of steps / epochs (default: 1 epoch)
-    epochs: float | None = None
-    lr: float | None = None             # default: DEFAULT_LR[method]
-    warmup_steps: int | None = None     # default: 3 % of steps
-    min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 512
-    packing: bool = False
-    gamma: float | None = None          # SORSA orthonormal regularizer; default DEFAULT_GAMMA, 0 = off
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    optim: str = "adamw"
-    chunked_loss: bool = True
-    save_every: int = 0                 # 0: only the final model
-    keep_checkpoints: int = 2
-    eval_every: int = 0                 # 0: evaluate at start and end only (when there is eval data)
-    eval_batches: int | None = None     # cap on eval examples / batch_size during training
-    log_every: int = 1
-    bf16: bool | None = None            # None: where the hardware has it
-
-    def validate(self) -> "TrainConfig":
-        if self.steps is not None and self.epochs is not None:
-            raise QosoraError("pass either --steps or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
-                raise QosoraError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise QosoraError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise QosoraError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and self.lr <= 0:
-            raise QosoraError(f"--lr must be > 0, got {self.lr}")
-        if self.gamma is not None and self.gamma < 0:
-            raise QosoraError(f"--gamma must be >= 0, got {self.gamma}")
-        if self.optim not in OPTIMS:
-            raise QosoraError(f"unknown --optim {self.optim!r}: choose one of {', '.join(OPTIMS)}")
-        if self.eval_data is not None and self.eval_fraction:
-            raise QosoraError("pass either --eval-data or --eval-fraction, not both")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-@dataclass
-class TrainResult:
-    out_dir: str
-    method: str
-    steps: int
-    first_loss: float | None
-    final_loss: float | None
-    initial_eval_loss: float | None
-    final_eval_loss: float | None
-    orthonormality: float | None
-    tokens_per_s: float
-    seconds: float
-    resumed_from: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
@@ -161,17 +79,6 @@ def resolve_prepared(model_dir: str | Path, out: Path, prepare_config: PrepareCo
     return target
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """lr(step) = lr0 * step / warmup during warmup, then a cosine from lr0 down to lr0 * min_ratio at `total`."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def trainable_parameters(model, autocast: bool = False, fp32: bool = True) -> dict[str, torch.nn.Parameter]:
     """Freeze everything but the declared adapter parameters; return those by name.
 
@@ -193,66 +100,6 @@ def trainable_parameters(model, autocast: bool = False, fp32: bool = True) -> di
                 if fname not in layer.spec.trainable:
                     setattr(layer, fname, getattr(layer, fname).float())
     return named
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object a line; on resume, lines after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        if resume_step is None:
-            path.write_text("")
-        elif path.is_file():
-            keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            path.write_text("".join(l + "\n" for l in keep))
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def rows(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.is_file() else []
-
-
-def plot_loss(metrics: list[dict], path: Path) -> bool:
-    """Loss curve (train per step, eval as markers) as a PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def _check_resume_config(out: Path, config: TrainConfig) -> None:
-    saved_path = out / TRAIN_CONFIG
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text())
-    ignore = {"save_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches"}
-    changed = [k for k, v in asdict(config).items() if k not in ignore and saved.get(k) != v]
-    if changed:
-        raise QosoraError(f"--resume with different options than the run in {out} ({', '.join(changed)}): "
-                          "use the original options or another --out")
 
 
 def _final_export(model, prepared: Path, out: Path, steps: int) -> None:
@@ -333,7 +180,7 @@ def finetune(
     # --- resume ----------------------------------------------------------------------------------------------
     start_step, tokens_seen, resumed_from = 0, 0, 0
     if resume:
-        _check_resume_config(out, config)
+        check_resume_config(out, config)
         ckpt = checkpoint.latest(out)
         if ckpt is not None:
             state = checkpoint.restore(ckpt, named, optimizer, scheduler)

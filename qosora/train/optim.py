@@ -5,6 +5,7 @@ parameter instead of 8)."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -31,3 +32,14 @@ def make_optimizer(params: list[torch.nn.Parameter], name: str, lr: float, weigh
 
     cls = bnb_optim.AdamW8bit if name == "adamw8bit" else bnb_optim.PagedAdamW8bit
     return cls(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr(step) = lr0 * step / warmup during warmup, then a cosine from lr0 down to lr0 * min_ratio at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
