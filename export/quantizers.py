@@ -135,29 +135,41 @@ def _asym_least_squares(wb: np.ndarray, n: int, k: int, block_size: int, integer
     ("asym-ls-float") z = -m / s stays a float: lower error; the exporter splits it into an integer zero point and a
     block offset (`split_float_zero_points`) to stay on the fast kernel.
     """
+    bs = wb.shape[-1]
     lo, hi = wb.min(axis=-1, keepdims=True), wb.max(axis=-1, keepdims=True)
     if integer_zero_point:  # an integer z in [0, 15] needs 0 inside [lo, hi]
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
     s = np.maximum((hi - lo) / 15.0, 1e-12).astype(np.float32)
     z = -lo / s
     z = (np.clip(np.rint(z), 0, 15) if integer_zero_point else z).astype(np.float32)
-    wm = wb.mean(axis=-1, keepdims=True)
+    sw = wb.sum(axis=-1, keepdims=True)
+    u = np.empty_like(wb)  # the codes, as float, rewritten in place each round
+
+    def assign_codes() -> None:  # u = clip(round(w / s + z), 0, 15)
+        np.divide(wb, s, out=u)
+        np.add(u, z, out=u)
+        np.rint(u, out=u)
+        np.clip(u, 0, 15, out=u)
+
     for _ in range(rounds):
-        u = np.clip(np.rint(wb / s + z), 0, 15)
-        um = u.mean(axis=-1, keepdims=True)
-        var = np.square(u - um).sum(axis=-1, keepdims=True)
-        s_ls = ((u - um) * (wb - wm)).sum(axis=-1, keepdims=True) / np.maximum(var, 1e-12)
-        ok = (var > 0) & (s_ls > 1e-12)  # constant blocks keep their start
+        assign_codes()
+        # Least squares of w ~ s u + m over each block from three sums (no block-sized temporaries).
+        su = u.sum(axis=-1, keepdims=True)
+        suu = np.einsum("...k,...k->...", u, u)[..., None]
+        suw = np.einsum("...k,...k->...", u, wb)[..., None]
+        var = suu - su * su / bs
+        s_ls = (suw - su * sw / bs) / np.maximum(var, 1e-12)
+        ok = (var > 1e-9) & (s_ls > 1e-12)  # constant blocks keep their start
         s_ls = np.where(ok, s_ls, 1.0)
-        z_new = um - wm / s_ls  # = -m / s with m = wm - s um
-        if integer_zero_point:
+        z_new = (su - sw / s_ls) / bs  # = -m / s
+        if integer_zero_point:  # round z, then refit s alone: s = sum w (u - z) / sum (u - z)^2
             z_new = np.clip(np.rint(z_new), 0, 15)
-            d = u - z_new
-            s_ls = (wb * d).sum(axis=-1, keepdims=True) / np.maximum(np.square(d).sum(axis=-1, keepdims=True), 1e-12)
+            s_ls = (suw - z_new * sw) / np.maximum(suu - 2 * z_new * su + bs * z_new * z_new, 1e-12)
             ok &= s_ls > 1e-12
         s = np.where(ok, s_ls, s).astype(np.float32)
         z = np.where(ok, z_new, z).astype(np.float32)
-    codes = np.clip(np.rint(wb / s + z), 0, 15).astype(np.uint8)
+    assign_codes()
+    codes = u.astype(np.uint8)
     zero_points = z[..., 0].astype(np.uint8) if integer_zero_point else z[..., 0].astype(np.float32)
     return Int4Blocks(codes.reshape(n, -1), s[..., 0], zero_points, block_size, k)
 
