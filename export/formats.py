@@ -39,9 +39,9 @@ class ExportOptions:
 
     format: Format = "int4"
     block_size: int = 32  # int4 / trt-int4 quantization block along K
-    # None: "asym-ls-float" for int4 (lowest weight error and perplexity on SmolLM2: +0.39 vs +1.77 for "asym",
-    # at ~5-15 % slower decode for the block-offset term; "asym" is the fastest), "sym" for trt-int4 (TensorRT
-    # is symmetric; "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
+    # None: "hqq" for int4 (float zero points, ties onnxruntime's HQQ in perplexity on SmolLM2 at block 32 and 64;
+    # "asym" drops the block-offset term and decodes fastest), "sym" for trt-int4 (TensorRT is symmetric;
+    # "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
     int4_scheme: Int4Scheme | None = None
     accuracy_level: int = 0  # MatMulNBits: 0 = A in float, 4 = A quantized to int8 (faster on CPU)
     keep_principal: bool = False  # int4 / trt-int4: quantize only W_res, keep B A as a float branch
@@ -63,7 +63,7 @@ class ExportOptions:
         if self.format not in FORMATS:
             raise QosoraError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.int4_scheme is None:
-            return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "asym-ls-float").validate()
+            return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "hqq").validate()
         if self.attention is None:
             return replace(self, attention="gqa" if self.format in ("int4", "nf4") else "standard").validate()
         if self.io_dtype not in (None, "float32", "float16"):

@@ -55,7 +55,11 @@ def _quantized_reference(model, opts: ExportOptions):
         names = linear_modules(model) + (["lm_head"] if opts.quantize_lm_head else [])
         if embedding:
             names.append("model.embed_tokens")
+        seen = set()
         for m in names:
+            if id(mods[m].weight) in seen:  # a tied head is the embedding: quantize it once (hqq is not idempotent)
+                continue
+            seen.add(id(mods[m].weight))
             w = mods[m].weight.detach().float().numpy()
             mods[m].weight.copy_(torch.from_numpy(dequantize_int4(quantize_int4(w, opts.block_size, opts.int4_scheme))))
     return model
@@ -125,7 +129,8 @@ def test_left_padding_matches_torch(tmp_path, attention):
 
 @pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64),
                                                ("asym-ls", False, 32), ("asym-ls-float", False, 32),
-                                               ("asym-ls-float", True, 32), ("asym-ls-float", False, 128)])
+                                               ("asym-ls-float", True, 32), ("asym-ls-float", False, 128),
+                                               ("hqq", True, 64)])
 def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     model = tiny_model("llama", tied=tied)
     opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
@@ -135,8 +140,8 @@ def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
         inits = {t.name: t for t in onnx.load(str(result.model_path), load_external_data=False).graph.initializer}
         assert inits["model.layers.0.self_attn.qkv_proj.qzeros"].data_type == onnx.TensorProto.UINT8
         # float zero points: the rest of z is a block-offset term, one block-sum per distinct input
-        assert ("model.layers.0.self_attn.qkv_proj.block_offsets_t" in inits) == (scheme == "asym-ls-float")
-        if scheme == "asym-ls-float":
+        assert ("model.layers.0.self_attn.qkv_proj.block_offsets_t" in inits) == (scheme in ("asym-ls-float", "hqq"))
+        if scheme in ("asym-ls-float", "hqq"):
             assert result.op_counts["ReduceSum"] == 2 * 4 + 1  # per layer q/k/v, o, gate/up, down; lm_head
             assert ("model.embed_tokens.block_offsets" in inits) == (block <= 64)  # E = 64: 128 leaves it float
     assert result.op_counts.get("com.microsoft::GatherBlockQuantized", 0) == (block <= 64)  # needs bs | E = 64

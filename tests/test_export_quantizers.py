@@ -67,3 +67,35 @@ def test_float_zero_points_recover_an_offset_grid_that_integer_ones_cannot():
     assert q.zero_points.dtype == np.float32
     assert relative_error(w, dequantize_int4(q)) < 1e-5
     assert relative_error(w, dequantize_int4(quantize_int4(w, 32, "asym-ls"))) > 1e-3
+
+
+def test_hqq_lowers_each_blocks_mean_absolute_error_below_its_min_max_start():
+    """HQQ keeps s = (max - min) / 15 and moves only the float zero point, starting from round(-min / s); every block
+    ends with a mean |error| no larger than that start's (a float64 reference), and most blocks strictly lower."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(4, size=(48, 256)) * 0.02).astype(np.float32)  # heavy-tailed, like LLM weights
+    q = quantize_int4(w, 64, "hqq")
+    wb = w.astype(np.float64).reshape(48, -1, 64)
+    lo, hi = wb.min(-1, keepdims=True), wb.max(-1, keepdims=True)
+    s = (hi - lo) / 15
+    np.testing.assert_allclose(q.scales, s[..., 0], rtol=1e-6)
+    z0 = np.rint(-lo / s)
+    start = np.abs(wb - s * (np.clip(np.rint(wb / s + z0), 0, 15) - z0)).mean(-1)
+    got = np.abs(wb - dequantize_int4(q).reshape(48, -1, 64)).mean(-1)
+    assert np.all(got <= start * (1 + 1e-5))
+    assert np.mean(got < start * 0.999) > 0.5
+    assert q.zero_points.dtype == np.float32 and not np.allclose(q.zero_points, np.rint(q.zero_points))
+
+
+@pytest.mark.parametrize("scheme", ["hqq", "asym-ls-float", "sym"])
+def test_parallel_row_chunks_give_the_same_result(monkeypatch, scheme):
+    """Large weights are quantized in row chunks on threads; the codes must not depend on that."""
+    import qosora.export.quantizers as quantizers
+
+    w = (np.random.default_rng(4).standard_normal((300, 1024)) * 0.02).astype(np.float32)
+    monkeypatch.setattr(quantizers, "_WORKERS", 3)
+    a = quantize_int4(w, 32, scheme)
+    monkeypatch.setattr(quantizers, "_WORKERS", 1)
+    b = quantize_int4(w, 32, scheme)
+    assert np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+    assert (a.zero_points is None and b.zero_points is None) or np.array_equal(a.zero_points, b.zero_points)

@@ -19,11 +19,11 @@ def add_parser(sub) -> None:
                    help="int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r branch; "
                         "fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (default: int4)")
     p.add_argument("--block-size", type=int, default=32, help="int4 block along K (16..256, default 32)")
-    p.add_argument("--int4-scheme", default=None, choices=["sym", "sym-search", "asym", "asym-ls", "asym-ls-float"],
-                   help="asym-ls-float: least-squares scale and float zero point, run as uint8 zero point + block "
-                        "offset (lowest error); asym: min/max + integer zero point (fastest int4 decode); asym-ls: "
-                        "least-squares, integer zero point; sym: scale absmax/7; sym-search: MSE-searched scale "
-                        "(default: asym-ls-float for int4, sym for trt-int4)")
+    p.add_argument("--int4-scheme", default=None, choices=["hqq", "asym", "asym-ls", "asym-ls-float", "sym", "sym-search"],
+                   help="hqq: min/max scale, float zero point fitted by half-quadratic optimisation (run as uint8 zero "
+                        "point + block offset); asym: min/max + integer zero point (fastest decode); asym-ls / "
+                        "asym-ls-float: least-squares scale, integer / float zero point; sym: scale absmax/7; "
+                        "sym-search: MSE-searched scale (default: hqq for int4, sym for trt-int4)")
     p.add_argument("--accuracy-level", type=int, default=0,
                    help="MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 (faster CPU)")
     p.add_argument("--attention", default=None, choices=["gqa", "standard"],
