@@ -207,13 +207,15 @@ def main() -> int:
     lin = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's quantizers touch
     ex = {
         "fp32": export(src, work / "fp32", "fp32"),
-        "int4": export(src, work / "int4", "int4", "--block-size", bs),  # default scheme asym-ls-float
+        "int4": export(src, work / "int4", "int4", "--block-size", bs),  # default scheme hqq
         "int4-asym": export(src, work / "int4-asym", "int4", "--block-size", bs, "--int4-scheme", "asym"),
         "int4-standard-attn": export(src, work / "int4-std", "int4", "--block-size", bs, "--attention", "standard"),
         "int4-acc4": export(src, work / "int4-acc4", "int4", "--block-size", bs, "--accuracy-level", "4"),
         "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs, *lin),
         "int4-linears-asym": export(src, work / "int4-linears-asym", "int4", "--block-size", bs, "--int4-scheme",
                                     "asym", *lin),
+        "int4-linears-asym-ls-float": export(src, work / "int4-linears-asymlsf", "int4", "--block-size", bs,
+                                             "--int4-scheme", "asym-ls-float", *lin),
         "int4-linears-asym-ls": export(src, work / "int4-linears-asymls", "int4", "--block-size", bs, "--int4-scheme",
                                        "asym-ls", *lin),
         "int4-linears-sym-search": export(src, work / "int4-linears-symsearch", "int4", "--block-size", bs,
@@ -237,7 +239,8 @@ def main() -> int:
     model = qosora.load(src, dtype=torch.float32, compute_dtype=torch.float32).eval()  # the exact stored function
     ids = eval_tokens(hf, args.ppl_tokens)
     ppl = {"torch (qosora.load)": torch_ppl(model, ids, args.chunk)}
-    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-sym7",
+    for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-asym-ls-float",
+                 "int4-linears-sym7",
                  "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "int4-keep-principal",
                  "int4-keep-principal-asym", "int4", "int4-asym", "int4-acc4", "nf4", "trt-int4"):
         ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
