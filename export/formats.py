@@ -120,7 +120,7 @@ class LinearEmitter:
         else:  # fp32 / fp16, and non-adapted linears of an nf4 export
             weight = self.src.dense(module)
             wt = weight.T.astype(self.dtype)
-            self._record(module, weight, wt.T.astype(np.float32))
+            self._record(module, weight, wt.T.astype(np.float32, copy=False))
             y = self.w.op("MatMul", [x, self.w.initializer(module + ".weight_t", wt, "dense")])
         bias = self.src.bias(module)
         if bias is not None:

@@ -128,7 +128,7 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
             blocks = w.op("Reshape", [hidden, w.const([0, 0, nb, bs], np.int64)])
             hidden = w.op("Reshape", [w.op("Add", [blocks, off]), w.const([0, 0, spec.hidden_size], np.int64)])
         return hidden, table_q
-    emb = w.initializer("model.embed_tokens.weight", table.astype(opts.dtype), "embedding")
+    emb = w.initializer("model.embed_tokens.weight", table.astype(opts.dtype, copy=False), "embedding")
     return w.op("Gather", [emb, "input_ids"], axis=0), None
 
 
@@ -173,9 +173,8 @@ def _lm_head(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.De
         # Tied dense head: one table, transposed at run time by MatMul's second operand.
         w.op("MatMul", [hidden, w.op("Transpose", ["model.embed_tokens.weight"], perm=[1, 0])], outputs=["logits"])
         return
-    weight = src.tensor("lm_head.weight")
-    wt = w.initializer("lm_head.weight_t", np.ascontiguousarray(weight.T).astype(opts.dtype), "dense")
-    w.op("MatMul", [hidden, wt], outputs=["logits"])
+    weight_t = np.ascontiguousarray(src.tensor("lm_head.weight").T, dtype=opts.dtype)  # one copy of a V x E table
+    w.op("MatMul", [hidden, w.initializer("lm_head.weight_t", weight_t, "dense")], outputs=["logits"])
 
 
 # -- shared per-step tensors -----------------------------------------------------------------------------------

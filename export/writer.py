@@ -51,16 +51,18 @@ class GraphWriter:
     # -- initializers ---------------------------------------------------------------------------------------
     def initializer(self, name: str, array: np.ndarray, kind: str = "other") -> str:
         array = np.ascontiguousarray(array)
-        return self.raw_initializer(name, onnx_dtype(array.dtype), array.shape, array.tobytes(), kind)
+        # A byte view, not array.tobytes(): a vocabulary-sized table is written without a second copy.
+        raw = memoryview(array.reshape(-1)).cast("B") if array.size else b""
+        return self.raw_initializer(name, onnx_dtype(array.dtype), array.shape, raw, kind)
 
-    def raw_initializer(self, name: str, data_type: int, dims, raw: bytes, kind: str = "other") -> str:
-        """An initializer from raw little-endian bytes (used for packed INT4 tensors)."""
+    def raw_initializer(self, name: str, data_type: int, dims, raw, kind: str = "other") -> str:
+        """An initializer from raw little-endian bytes or a byte view (used for packed INT4 tensors)."""
         if name in self._names:
             raise ValueError(f"duplicate initializer {name}")
         self._names.add(name)
         t = TensorProto(name=name, data_type=data_type, dims=[int(d) for d in dims])
         if len(raw) <= self.inline_limit:
-            t.raw_data = raw
+            t.raw_data = bytes(raw)
         else:
             align = 4096 if len(raw) >= 1 << 20 else 64  # page-aligned big tensors can be mmapped
             pad = -self._offset % align
