@@ -78,7 +78,7 @@ def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
     return w.reshape(n, nb, block_size)
 
 
-def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym", chunk_elements: int = 1 << 22) -> Int4Blocks:
+def quantize_int4(w: np.ndarray, block_size: int, scheme: Int4Scheme = "sym", chunk_elements: int = 1 << 20) -> Int4Blocks:
     """Quantize W [N, K] float32 blockwise along K. See the module docstring for the schemes.
 
     Rows are processed `chunk_elements` at a time: the schemes keep several weight-sized temporaries, and an
