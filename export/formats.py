@@ -90,6 +90,17 @@ class ExportOptions:
         return asdict(self)
 
 
+@dataclass
+class Int4Table:
+    """The initializer names of one int4 weight [N, K]; a tied lm_head reuses the embedding's."""
+
+    q: Int4Blocks
+    data: str  # uint8 [N, K_pad / bs, bs / 2]
+    scales: str
+    zero_points: str | None  # packed uint8
+    offsets_t: str | None  # [nb, N] block offsets of float zero points
+
+
 class LinearEmitter:
     """Builds one linear's nodes for the chosen format and records its requantization error."""
 
@@ -113,10 +124,7 @@ class LinearEmitter:
                 y = self._int4_node(x, module, q)
                 y = self.w.op("Add", [y, self._lowrank_branch(x, module, b, a)])
             else:
-                weight = self.src.dense(module)
-                q = self._int4(weight, module)
-                self._record(module, weight, dequantize_int4(q))
-                y = self._int4_node(x, module, q)
+                y = self._int4_node(x, module, self._quantize_merged(module))
         else:  # fp32 / fp16, and non-adapted linears of an nf4 export
             weight = self.src.dense(module)
             wt = weight.T.astype(self.dtype)
@@ -138,13 +146,7 @@ class LinearEmitter:
         """
         if self.opts.format != "int4" or self.opts.keep_principal:
             return [self(x, m) for m in modules]
-        parts = []
-        for m in modules:
-            weight = self.src.dense(m)
-            q = self._int4(weight, m)
-            self.errors[m] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), "fused": name}
-            parts.append(q)
-            del weight
+        parts = [self._quantize_merged(m, fused=name) for m in modules]
         y = self.matmul_nbits(x, name, concat_rows(parts))
         biases = [self.src.bias(m) for m in modules]
         if any(b is not None for b in biases):
@@ -154,6 +156,13 @@ class LinearEmitter:
         return self.w.op("Split", [y, self.w.const(sizes, np.int64)], len(sizes), axis=-1)
 
     # -- pieces ---------------------------------------------------------------------------------------------
+    def _quantize_merged(self, module: str, **note) -> Int4Blocks:
+        """int4 of the merged weight, its requantization error recorded."""
+        weight = self.src.dense(module)
+        q = self._int4(weight, module)
+        self.errors[module] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), **note}
+        return q
+
     def _int4(self, weight: np.ndarray, module: str) -> Int4Blocks:
         k = weight.shape[1]
         if self.opts.format == "trt-int4" and k % self.opts.block_size:
@@ -168,34 +177,39 @@ class LinearEmitter:
             return self.w.op("MatMul", [x, self.dequantize_linear(name, q)])
         return self.matmul_nbits(x, name, q)
 
-    def matmul_nbits(self, x: str, name: str, q: Int4Blocks) -> str:
-        """MatMulNBits: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales [N * K_pad/bs], zero points
-        uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8).
+    def int4_table(self, name: str, q: Int4Blocks) -> "Int4Table":
+        """Write q's initializers as MatMulNBits reads them: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales
+        [N * K_pad/bs], zero points uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8). Float zero
+        points are split (`split_float_zero_points`) into uint8 ones and block offsets, stored as [nb, N]."""
+        n, bs = q.codes.shape[0], q.block_size
+        zero_points, offsets = q.zero_points, None
+        if zero_points is not None and zero_points.dtype != np.uint8:
+            zero_points, offsets = split_float_zero_points(q)
+        init = self.w.initializer
+        return Int4Table(
+            q, init(name + ".qweight", pack_low_first(q.codes).reshape(n, -1, bs // 2), "int4"),
+            init(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales"),
+            None if zero_points is None else init(name + ".qzeros", pack_low_first(zero_points), "scales"),
+            None if offsets is None else init(name + ".block_offsets_t",
+                                              np.ascontiguousarray(offsets.T).astype(self.dtype), "scales"))
 
-        Float zero points run on the uint8 kernel plus a block-offset term (`split_float_zero_points`):
+    def matmul_nbits(self, x: str, name: str, q: Int4Blocks) -> str:
+        return self.apply_int4(x, self.int4_table(name, q))
+
+    def apply_int4(self, x: str, t: "Int4Table") -> str:
+        """x W^T for an int4 table; float zero points run on the uint8 kernel plus a block-offset term:
 
             x ──> MatMulNBits(codes, scales, round(z)) ───────────────────┐
             │                                                           Add ──> y
             └──> block sums [.., nb] ──> MatMul(offsets^T [nb, N]) ─────┘
         """
-        n, bs = q.codes.shape[0], q.block_size
-        packed = pack_low_first(q.codes).reshape(n, -1, bs // 2)
-        inputs = [x, self.w.initializer(name + ".qweight", packed, "int4"),
-                  self.w.initializer(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales")]
-        offsets = None
-        if q.zero_points is not None and q.zero_points.dtype != np.uint8:
-            zero_points, offsets = split_float_zero_points(q)
-        else:
-            zero_points = q.zero_points
-        if zero_points is not None:
-            inputs.append(self.w.initializer(name + ".qzeros", pack_low_first(zero_points), "scales"))
-        y = self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=n, bits=4, block_size=bs,
-                      accuracy_level=self.opts.accuracy_level)
-        if offsets is None:
+        q = t.q
+        inputs = [x, t.data, t.scales] + ([t.zero_points] if t.zero_points else [])
+        y = self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=q.codes.shape[0], bits=4,
+                      block_size=q.block_size, accuracy_level=self.opts.accuracy_level)
+        if t.offsets_t is None:
             return y
-        offsets_t = self.w.initializer(name + ".block_offsets_t", np.ascontiguousarray(offsets.T).astype(self.dtype),
-                                       "scales")
-        return self.w.op("Add", [y, self.w.op("MatMul", [self.block_sums(x, q.k, bs), offsets_t])])
+        return self.w.op("Add", [y, self.w.op("MatMul", [self.block_sums(x, q.k, q.block_size), t.offsets_t])])
 
     def block_sums(self, x: str, k: int, block_size: int) -> str:
         """x [B, S, K] -> [B, S, ceil(K / bs)]: the sum of x over each quantization block (zero-padded), built

@@ -19,8 +19,8 @@ from typing import Callable
 import numpy as np
 
 from qosora.export import spec as io
-from qosora.export.formats import ExportOptions, LinearEmitter
-from qosora.export.quantizers import Int4Blocks, int4_relative_error, pack_low_first, quantize_int4, split_float_zero_points
+from qosora.export.formats import ExportOptions, Int4Table, LinearEmitter
+from qosora.export.quantizers import int4_relative_error, quantize_int4
 from qosora.export.source import WeightSource
 from qosora.export.writer import MS_DOMAIN, GraphWriter, value_info
 
@@ -97,7 +97,7 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
     zero points add their block offsets after the gather:
 
         input_ids ─> GatherBlockQuantized(codes, scales, round(z)) ─> Reshape [B,S,nb,bs] ─> Add ─> Reshape [B,S,E]
-                  └> Gather(offsets [V, nb]) ─> Unsqueeze(-1) ──────────────────────────────┘
+                  └> Gather(offsets^T [nb, V], axis 1) ─> Transpose ─> Unsqueeze(-1) ──────┘
     """
     table = src.tensor("model.embed_tokens.weight")  # [V, E]
     bs = opts.block_size
@@ -107,57 +107,29 @@ def _embedding(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.
                                                "rel_error": int4_relative_error(table, q)}
         v, nb = table.shape[0], spec.hidden_size // bs
         del table
-        zero_points, offsets = q.zero_points, None
-        if zero_points is not None and zero_points.dtype != np.uint8:
-            zero_points, offsets = split_float_zero_points(q)
-        table_q = _Int4Table(
-            q, w.initializer("model.embed_tokens.qweight", pack_low_first(q.codes).reshape(v, -1, bs // 2), "int4"),
-            w.initializer("model.embed_tokens.scales", q.scales.reshape(-1).astype(opts.dtype), "scales"),
-            None if zero_points is None else w.initializer("model.embed_tokens.qzeros", pack_low_first(zero_points),
-                                                           "scales"),
-            None if offsets is None else w.initializer("model.embed_tokens.block_offsets", offsets.astype(opts.dtype),
-                                                       "scales"))
-        inputs = [w.op("Reshape", [table_q.data, w.const([v, spec.hidden_size // 2], np.int64)]), "input_ids",
-                  w.op("Reshape", [table_q.scales, w.const([v, -1], np.int64)])]
-        if table_q.zero_points:
-            inputs.append(table_q.zero_points)
+        t = linear.int4_table("model.embed_tokens", q)
+        inputs = [w.op("Reshape", [t.data, w.const([v, spec.hidden_size // 2], np.int64)]), "input_ids",
+                  w.op("Reshape", [t.scales, w.const([v, -1], np.int64)])] + ([t.zero_points] if t.zero_points else [])
         hidden = w.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=4, block_size=bs,
                       gather_axis=0, quantize_axis=1)
-        if table_q.offsets:
-            off = w.op("Unsqueeze", [w.op("Gather", [table_q.offsets, "input_ids"], axis=0), w.const([-1], np.int64)])
+        if t.offsets_t:  # Gather(offsets^T [nb, V], ids, axis 1) [nb, B, S] -> [B, S, nb, 1]
+            off = w.op("Transpose", [w.op("Gather", [t.offsets_t, "input_ids"], axis=1)], perm=[1, 2, 0])
             blocks = w.op("Reshape", [hidden, w.const([0, 0, nb, bs], np.int64)])
+            off = w.op("Unsqueeze", [off, w.const([-1], np.int64)])
             hidden = w.op("Reshape", [w.op("Add", [blocks, off]), w.const([0, 0, spec.hidden_size], np.int64)])
-        return hidden, table_q
+        return hidden, t
     emb = w.initializer("model.embed_tokens.weight", table.astype(opts.dtype, copy=False), "embedding")
     return w.op("Gather", [emb, "input_ids"], axis=0), None
 
 
-@dataclass
-class _Int4Table:
-    """The int4 embedding's initializer names, kept for a tied lm_head to reuse the same bytes."""
-
-    q: Int4Blocks
-    data: str
-    scales: str
-    zero_points: str | None
-    offsets: str | None  # [V, nb] block offsets of float zero points
-
-
 def _lm_head(w: GraphWriter, src: WeightSource, opts: ExportOptions, spec: io.DecoderSpec,
-             linear: LinearEmitter, hidden: str, embed_q: "_Int4Table | None") -> None:
+             linear: LinearEmitter, hidden: str, embed_q: Int4Table | None) -> None:
     """hidden [B, S, E] -> logits [B, S, V]; int4 formats quantize it (a third of a small model's weights)."""
     tied = spec.tie_word_embeddings or not src.has_tensor("lm_head.weight")
     if opts.format in ("int4", "trt-int4") and opts.quantize_lm_head:
         if opts.format == "int4" and tied and embed_q is not None:
             # Reuse the embedding's int4 table: MatMulNBits reads B [V, E/bs, bs/2] (same bytes).
-            q = embed_q.q
-            inputs = [hidden, embed_q.data, embed_q.scales] + ([embed_q.zero_points] if embed_q.zero_points else [])
-            logits = w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=q.codes.shape[0], bits=4,
-                          block_size=q.block_size, accuracy_level=opts.accuracy_level)
-            if embed_q.offsets:  # float zero points: + block sums @ offsets^T (see LinearEmitter.matmul_nbits)
-                offsets_t = w.op("Transpose", [embed_q.offsets], perm=[1, 0])  # constant-folded at session start
-                logits = w.op("Add", [logits, w.op("MatMul", [linear.block_sums(hidden, q.k, q.block_size), offsets_t])])
-            w.op("Identity", [logits], outputs=["logits"])
+            w.op("Identity", [linear.apply_int4(hidden, embed_q)], outputs=["logits"])
             linear.errors["lm_head"] = dict(linear.errors["model.embed_tokens"], note="shared with embedding")
             return
         weight = src.tensor("lm_head.weight")

@@ -143,7 +143,7 @@ def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
         assert ("model.layers.0.self_attn.qkv_proj.block_offsets_t" in inits) == (scheme in ("asym-ls-float", "hqq"))
         if scheme in ("asym-ls-float", "hqq"):
             assert result.op_counts["ReduceSum"] == 2 * 4 + 1  # per layer q/k/v, o, gate/up, down; lm_head
-            assert ("model.embed_tokens.block_offsets" in inits) == (block <= 64)  # E = 64: 128 leaves it float
+            assert ("model.embed_tokens.block_offsets_t" in inits) == (block <= 64)  # E = 64: 128 leaves it float
     assert result.op_counts.get("com.microsoft::GatherBlockQuantized", 0) == (block <= 64)  # needs bs | E = 64
     ids = _ids()
     original = _torch_logits(model, ids)
