@@ -36,6 +36,8 @@ class QuantConfig:
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # "search": per block, the error-minimising scale (same NF4 format and kernels); "absmax": bitsandbytes' own.
+    scale: Literal["search", "absmax"] = "search"
 
     def validate(self) -> None:
         if self.quant_type not in ("nf4", "none"):
@@ -44,6 +46,8 @@ class QuantConfig:
             raise QosoraError(f"NF4 blocksize {self.blocksize} is not supported: use 64 (default), 128, 256, ...")
         if self.compute_dtype not in ("bfloat16", "float16", "float32"):
             raise QosoraError(f"unknown compute dtype {self.compute_dtype!r}: use bfloat16, float16 or float32")
+        if self.scale not in ("search", "absmax"):
+            raise QosoraError(f"unknown NF4 scale {self.scale!r}: use 'search' (default) or 'absmax'")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int):
     config = replace(config, svd=replace(config.svd, seed=seed))
     q = config.quant
     quantized = q.quant_type == "nf4"
-    roundtrip = lambda R: nf4_roundtrip(R, q.blocksize, q.double_quant, q.compute_dtype)  # noqa: E731
+    roundtrip = lambda R: nf4_roundtrip(R, q.blocksize, q.double_quant, q.compute_dtype, q.scale)  # noqa: E731
     adapter_dtype = DTYPES[config.adapter_dtype]
     d_out, d_in = W.shape
     if spec.uses_svd:
@@ -116,9 +116,9 @@ def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int):
     residual = W.float() - approx_principal
     factors = {n: t.cpu() for n, t in factors.items()}
     if quantized:
-        stored = quantize_nf4(residual, q.blocksize, q.double_quant, q.compute_dtype)
+        stored = quantize_nf4(residual, q.blocksize, q.double_quant, q.compute_dtype, q.scale)
         deq = stored.dequantize().float()
-        plain = nf4_roundtrip(W, q.blocksize, q.double_quant, q.compute_dtype)
+        plain = nf4_roundtrip(W, q.blocksize, q.double_quant, q.compute_dtype)  # bitsandbytes' NF4(W), QLoRA's base
         stats = {"rel_error": relative_error(deq + approx_principal, W), "rel_error_plain_nf4": relative_error(plain, W)}
         stored = stored.to("cpu")
     else:

@@ -42,3 +42,53 @@ def test_matmul_equals_dequantized_dense():
     torch.testing.assert_close(y, x @ q.dequantize().T, atol=1e-4, rtol=1e-4)
     y.sum().backward()
     torch.testing.assert_close(x.grad, q.dequantize().sum(0).expand(3, 5, 64), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 128), (33, 70)])  # 33 x 70 = 2310: a partial last block and an odd count
+def test_searched_scale_matches_a_float64_reference(shape, double_quant):
+    """scale="search": each block's stored scale is, in float64, the best of the candidate fractions of its absmax
+    refitted by least squares to the levels it rounds to (then double-quantized like bitsandbytes' absmax); no
+    block's error exceeds its absmax error; the codes are the nearest levels under the stored scale, and the packed
+    bytes dequantize through bitsandbytes to exactly code[level] * scale."""
+    from qosora.nf4 import SCALE_FRACTIONS, _bnb
+
+    torch.manual_seed(0)
+    W = torch.randn(*shape) * torch.logspace(-1, 0, shape[1])  # blocks of different scales
+    q = quantize_nf4(W, 64, double_quant, "float32", scale="search")
+    F = _bnb()[1]
+    code = F.get_4bit_type("nf4", device="cpu").double()
+    flat = torch.nn.functional.pad(W.reshape(-1).double(), (0, -W.numel() % 64)).reshape(-1, 64)
+
+    def nearest(s):  # [blocks, 64] levels under per-block scales s [blocks, 1], by brute force
+        return code[(flat / s).unsqueeze(-1).sub(code).abs().argmin(-1)]
+
+    def block_err(s):
+        return ((nearest(s) * s - flat) ** 2).sum(1)
+
+    absmax = flat.abs().amax(1, keepdim=True)
+    candidates = torch.stack([absmax * f for f in SCALE_FRACTIONS])  # [fractions, blocks, 1]
+    pick = torch.stack([block_err(s) for s in candidates]).argmin(0)
+    chosen = candidates[pick, torch.arange(flat.shape[0])]
+    levels = nearest(chosen)
+    best = ((flat * levels).sum(1) / (levels * levels).sum(1))[:, None]
+    assert (block_err(best) <= block_err(absmax) * (1 + 1e-12)).all()
+    best = best[:, 0]
+    if double_quant:  # the chosen scales go through bitsandbytes' 8-bit blockwise map, as absmax does
+        best32 = best.float()
+        best = F.dequantize_blockwise(*F.quantize_blockwise(best32 - best32.mean(), blocksize=256)) + best32.mean()
+    stored = q.absmax_fp32().double()
+    torch.testing.assert_close(stored, best.double(), rtol=1e-5, atol=1e-7)
+    expected = (nearest(stored[:, None]) * stored[:, None]).reshape(-1)[: W.numel()].reshape(shape)
+    torch.testing.assert_close(q.dequantize().double(), expected, rtol=1e-6, atol=1e-6)
+    absmax_error = (quantize_nf4(W, 64, double_quant, "float32").dequantize() - W).norm()
+    assert (q.dequantize() - W).norm() < 0.97 * absmax_error  # the point of searching: ~6 % less error
+
+
+def test_searched_scale_serialises_and_multiplies_like_absmax():
+    torch.manual_seed(0)
+    q = quantize_nf4(torch.randn(48, 64), 64, True, "float32", scale="search")
+    back = NF4Weight.from_tensors(q.to_tensors("m"), "m", 64, "float32")
+    assert torch.equal(back.dequantize(), q.dequantize())
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(nf4_matmul(x, back), x @ q.dequantize().T, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qosora
-from qosora.config import PrepareConfig, SVDConfig
+from qosora.config import PrepareConfig, QuantConfig, SVDConfig
 
 pytestmark = pytest.mark.slow
 TEXT = (Path(__file__).parent / "data" / "sample.txt").read_text()
@@ -30,7 +30,7 @@ def prepared(smollm2, tmp_path_factory):
     for name, cfg in {
         "sorsa": PrepareConfig(method="sorsa", rank=64),
         "sorsa-refined": PrepareConfig(method="sorsa", rank=64, svd=SVDConfig(refine_rounds=5)),
-        "qlora": PrepareConfig(method="qlora", rank=64),
+        "qlora": PrepareConfig(method="qlora", rank=64, quant=QuantConfig(scale="absmax")),  # bitsandbytes' NF4(W)
     }.items():
         reports[name] = qosora.prepare(smollm2, root / name, cfg, progress=False)
     return root, reports

@@ -168,6 +168,9 @@ print(json.dumps({{"prefill_ms": t.prefill_s * 1e3, "decode_tps": t.decode_token
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, default=None, help="prepared dir (default: prepare SmolLM2 rank 64 in --work)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="HF directory to prepare (default: the SmolLM2 fixture; tools/make_rotated_llama.py makes a "
+                         "copy of it off the Q4_1 grid)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/qosora-bench-export"))
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--ppl-tokens", type=int, default=4096)
@@ -191,9 +194,9 @@ def main() -> int:
     torch.set_num_threads(1)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    hf = smollm2_dir()
+    hf = args.model or smollm2_dir()
     src = args.src or work / "prepared-r64"
-    results: dict = {"source": str(src), "block_size": args.block_size, "machine_cores": os.cpu_count()}
+    results: dict = {"model": str(hf), "source": str(src), "block_size": args.block_size, "machine_cores": os.cpu_count()}
     if not (src / "qosora_config.json").is_file():
         wall, rss, _ = run_timed([sys.executable, "-m", "qosora", "prepare", str(hf), "--rank", "64",
                                   "--out", str(src), "--overwrite", "--json"])

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     p.add_argument("--svd-niter", type=int, default=4)
     p.add_argument("--svd-oversample", type=int, default=8)
     p.add_argument("--no-quant", action="store_true", help="keep the residual dense (ablation / tests)")
+    p.add_argument("--nf4-scale", choices=["search", "absmax"], default="search",
+                   help="NF4 block scales: error-minimising (default) or bitsandbytes' absmax; same format either way")
     p.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--adapter-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--device", default=None, help="where the SVD runs (default: cuda if present, else cpu)")
@@ -36,7 +38,8 @@ def run(args) -> int:
     config = PrepareConfig(
         method=args.method, rank=args.rank, targets=PrepareConfig.normalize_targets(args.targets),
         adapter_dtype=args.adapter_dtype,
-        quant=QuantConfig(quant_type="none" if args.no_quant else "nf4", compute_dtype=args.compute_dtype),
+        quant=QuantConfig(quant_type="none" if args.no_quant else "nf4", compute_dtype=args.compute_dtype,
+                          scale=args.nf4_scale),
         svd=SVDConfig(solver=args.svd, oversample=args.svd_oversample, niter=args.svd_niter,
                       refine_rounds=args.refine_rounds, seed=args.seed),
     )
