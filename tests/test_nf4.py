@@ -92,3 +92,19 @@ def test_searched_scale_serialises_and_multiplies_like_absmax():
     assert torch.equal(back.dequantize(), q.dequantize())
     x = torch.randn(3, 64)
     torch.testing.assert_close(nf4_matmul(x, back), x @ q.dequantize().T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 128), (33, 70)])
+def test_absmax_scale_is_bitsandbytes_quantizer_bit_for_bit(shape, double_quant, compute_dtype):
+    from qosora.nf4 import DTYPES, _bnb
+
+    F = _bnb()[1]
+    torch.manual_seed(1)
+    W = torch.randn(*shape) * torch.logspace(-2, 0, shape[1])
+    ours = quantize_nf4(W, 64, double_quant, compute_dtype)
+    data, state = F.quantize_4bit(W.to(DTYPES[compute_dtype]), blocksize=64, compress_statistics=double_quant,
+                                  quant_type="nf4")
+    assert torch.equal(ours.data, data) and torch.equal(ours.state.absmax, state.absmax)
+    assert torch.equal(ours.dequantize(), F.dequantize_4bit(data, state))

@@ -264,8 +264,8 @@ def main() -> int:
     if not args.skip_speed:
         print("speed ...", file=sys.stderr)
         prompt = (ids * 2)[:64]
-        names = ["fp32", "int4", "int4-standard-attn", "int4-asym", "int4-acc4", "ort-rtn-asym", "ort-hqq", "trt-int4",
-                 "nf4"]
+        names = ["fp32", "int4", "int4-standard-attn", "int4-asym", "int4-acc4", "int4-keep-principal", "ort-rtn-asym",
+                 "ort-hqq", "trt-int4", "nf4"]
         speed: dict = {}
         for threads in [int(t) for t in args.threads.split(",")]:
             runs: dict[str, list] = {n: [] for n in names}
