@@ -135,7 +135,8 @@ class QosoraConfig:
         p = dict(d["prepare"])
         prepare = PrepareConfig(
             method=p["method"], rank=p["rank"], targets=tuple(p["targets"]), adapter_dtype=p["adapter_dtype"],
-            quant=QuantConfig(**p["quant"]), svd=SVDConfig(**p["svd"]),
+            quant=QuantConfig(**{"scale": "absmax", **p["quant"]}),  # written before the search existed: absmax
+            svd=SVDConfig(**p["svd"]),
         )
         return cls(
             prepare=prepare, model_type=d["model_type"], modules=list(d["modules"]), source=d["source"],

@@ -3,7 +3,8 @@
 Storage of one (d_out, d_in) residual with blocksize 64 and double quantization:
 
     data          uint8 (d_out*d_in/2,)      two 4-bit NF4 codes a byte, bitsandbytes order
-    absmax        uint8 (n_blocks,)          per-64-weight absmax, itself 8-bit quantized (double quant)
+    absmax        uint8 (n_blocks,)          per-64-weight scale, itself 8-bit quantized (double quant); bitsandbytes
+                                             calls it absmax; it is the block absmax unless the scale was searched
     absmax_scale  fp32  (ceil(n_blocks/256),)  absmax of the absmax, one per 256 blocks
     absmax_code   fp32  (256,)               the 8-bit dynamic map absmax was quantized with
     absmax_offset fp32  ()                   mean subtracted from absmax before quantizing it
@@ -101,7 +102,7 @@ class NF4Weight:
 
 # scale="search": per block, the best of these fractions of the block's absmax, then one least-squares refit of the
 # scale to the levels it picked (never worse). Clipping a block's largest weight lets the other 63 use the 16 levels
-# more finely; on SmolLM2's rank-64 residuals this lowers the NF4 error by 6 %, about what a 26-point grid gives
+# more finely; on SmolLM2's rank-64 residuals this lowers the NF4 error by 5.8 %, about what a 26-point grid gives
 # (BENCHMARKS.md "Quantization fidelity"), for three more rounding passes.
 SCALE_FRACTIONS = (1.0, 0.9, 0.8)
 _CHUNK_BLOCKS = 4096  # blocks per search step: 1 MB temporaries, cache-sized, whatever the matrix size

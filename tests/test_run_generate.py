@@ -59,3 +59,12 @@ def test_batched_left_padded_forward_matches_single_rows(tmp_path):
     step, _ = lm.forward(nxt, np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1), cache=cache)
     single2, _ = lm.forward(np.array([b + [int(nxt[1, 0])]]), np.ones((1, 4), np.int64))
     np.testing.assert_allclose(step[1, 0], single2[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_spinning_is_off_unless_asked_for():
+    from qosora.run import session_options
+
+    key = "session.intra_op.allow_spinning"
+    assert session_options(2).get_session_config_entry(key) == "0"
+    assert session_options(2, spinning=True).get_session_config_entry(key) == "1"
+    assert session_options(2, spinning=True).intra_op_num_threads == 2

@@ -1,7 +1,8 @@
 """Real-model tier (SmolLM2-135M, 30 layers, all 7 projections, rank 64): quantization fidelity on real spectra.
 
-Measured here (BENCHMARKS.md): mean relative error 29.0 % below plain NF4 with one round, 45.6 % with 5 QPiSSA
-rounds. The thresholds below sit a little under what we measured, to catch regressions.
+Measured here (BENCHMARKS.md): mean relative error 33.1 % below plain (bitsandbytes) NF4 with one round, 49.0 % with
+5 QPiSSA rounds, with the default searched NF4 scales. The thresholds sit a little under that, to catch regressions,
+and at the issue's targets (30 % / 45 %).
 """
 
 from pathlib import Path
@@ -43,8 +44,8 @@ def test_residual_quantization_beats_plain_nf4_on_real_weights(prepared):
     reduction_one = 1 - one.mean_rel_error / one.mean_rel_error_plain_nf4
     reduction_refined = 1 - refined.mean_rel_error / refined.mean_rel_error_plain_nf4
     print(f"error reduction vs plain NF4: one round {reduction_one:.1%}, 5 rounds {reduction_refined:.1%}")
-    assert reduction_one > 0.27
-    assert reduction_refined > 0.44
+    assert reduction_one > 0.31
+    assert reduction_refined > 0.47
     plain = reports["qlora"]
     assert abs(plain.mean_rel_error - plain.mean_rel_error_plain_nf4) < 1e-9  # QLoRA's residual is NF4(W) itself
 

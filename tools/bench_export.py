@@ -57,7 +57,9 @@ def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
 
 
 def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int) -> dict:
-    """onnxruntime's MatMulNBits quantizer on our fp32 graph (the MatMuls with constant weights)."""
+    """onnxruntime's MatMulNBits quantizer on our fp32 graph: the MatMuls with constant weights, lm_head excluded (an
+    untied head is a constant MatMul; a tied one reads the embedding table and never was), so that its graphs
+    quantize what our `--no-quantize-lm-head --no-quantize-embedding` graphs do."""
     code = f"""
 import shutil, sys
 from pathlib import Path
@@ -69,7 +71,11 @@ if kind == "hqq":
     cfg = mq.HQQWeightOnlyQuantConfig(block_size=bs, bits=4)
 else:
     cfg = mq.DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=(kind == "rtn-sym"))
-q = mq.MatMulNBitsQuantizer(str(src / "model.onnx"), block_size=bs, is_symmetric=(kind == "rtn-sym"), algo_config=cfg)
+import onnx
+graph = onnx.load(str(src / "model.onnx"), load_external_data=False).graph
+head = [n.name for n in graph.node if "logits" in n.output]  # like-for-like with our "linears only" graphs
+q = mq.MatMulNBitsQuantizer(str(src / "model.onnx"), block_size=bs, is_symmetric=(kind == "rtn-sym"), algo_config=cfg,
+                            nodes_to_exclude=head)
 q.process()
 q.model.save_model_to_file(str(out / "model.onnx"), True)
 for f in src.iterdir():

@@ -16,6 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--no-spinning", action="store_true",
+                   help="let onnxruntime's idle threads sleep (slower decode; for machines shared with other work)")
     p.add_argument("--json", action="store_true", help="print text, token ids and timings as JSON")
 
 
@@ -29,7 +31,7 @@ def run(args) -> int:
     from qosora.run import generate
 
     r = generate(args.directory, args.prompt, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                 threads=args.threads)
+                 threads=args.threads, spinning=not args.no_spinning)
     if args.json:
         print_json({"text": r.text, "prompt_tokens": r.prompt_tokens, "new_tokens": r.new_tokens,
                     "prefill_ms": r.prefill_ms, "decode_tokens_per_s": r.decode_tokens_per_s})

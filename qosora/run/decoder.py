@@ -18,11 +18,13 @@ import onnxruntime as ort
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Thread spinning off: with spinning on, onnxruntime's idle threads burn the cores that a tokenizer, PyTorch or
-    a second session in the same process need (measured several-fold slowdowns on 2 cores, DESIGN.md section 4)."""
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """Thread spinning is off unless asked for: with spinning on, onnxruntime's idle threads burn the cores that a
+    tokenizer, PyTorch or a second session in the same process need (measured several-fold slowdowns on 2 cores,
+    DESIGN.md section 4). A process that only decodes wants it on: +33 % int4 decode at 2 threads here, because
+    the workers no longer sleep and wake between the few hundred small ops of a decode step (BENCHMARKS.md)."""
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
@@ -42,12 +44,13 @@ class StepTimes:
 class OnnxCausalLM:
     """`model.onnx` of an exported directory. `forward` takes numpy arrays; `generate` runs a decode loop."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 spinning: bool = False):
         self.model_dir = Path(model_dir)
         path = self.model_dir / "model.onnx"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: pass a directory written by `qosora export --onnx`")
-        self.session = ort.InferenceSession(str(path), session_options(threads),
+        self.session = ort.InferenceSession(str(path), session_options(threads, spinning),
                                             providers=providers or ["CPUExecutionProvider"])
         self.past_names: dict[str, tuple[int, str]] = {}
         for i in self.session.get_inputs():

@@ -27,9 +27,13 @@ class GenerationResult:
 
 
 def generate(model_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-             seed: int = 0, threads: int | None = None, model: OnnxCausalLM | None = None) -> GenerationResult:
-    """Continue `prompt` with the exported model in `model_dir` (greedy by default); stops at the EOS token(s)."""
-    model = model or OnnxCausalLM(model_dir, threads=threads)
+             seed: int = 0, threads: int | None = None, model: OnnxCausalLM | None = None,
+             spinning: bool = True) -> GenerationResult:
+    """Continue `prompt` with the exported model in `model_dir` (greedy by default); stops at the EOS token(s).
+
+    `spinning` keeps onnxruntime's worker threads spinning between ops (faster decode when nothing else in the
+    process needs the cores; pass False when PyTorch or other sessions run alongside)."""
+    model = model or OnnxCausalLM(model_dir, threads=threads, spinning=spinning)
     tok = load_tokenizer(model_dir)
     ids = tok.encode(prompt).ids
     gen = model.generation_config()
