@@ -21,7 +21,7 @@ _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Thread spinning is off unless asked for: with spinning on, onnxruntime's idle threads burn the cores that a
     tokenizer, PyTorch or a second session in the same process need (measured several-fold slowdowns on 2 cores,
-    DESIGN.md section 4). A process that only decodes wants it on: +33 % int4 decode at 2 threads here, because
+    DESIGN.md section 4). A process that only decodes wants it on: +14 % int4 decode at 2 threads here, because
     the workers no longer sleep and wake between the few hundred small ops of a decode step (BENCHMARKS.md)."""
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
