@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from qosora.errors import QosoraError
@@ -53,6 +52,8 @@ def smollm2_dir() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from qosora.artifact import atomic_directory
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers marks a GGUF-loaded model as quantized and refuses save_pretrained: rebuild it from a clean config.
@@ -64,16 +65,9 @@ def smollm2_dir() -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -121,6 +115,8 @@ def rotated_llama_copy(src: Path, out: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
+    from qosora.artifact import atomic_directory
+
     src, out = Path(src), Path(out)
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") not in ("llama", "mistral"):
@@ -129,19 +125,12 @@ def rotated_llama_copy(src: Path, out: Path, seed: int = 0) -> Path:
     q, r = torch.linalg.qr(torch.randn(cfg["hidden_size"], cfg["hidden_size"], generator=g, dtype=torch.float64))
     Q = q * torch.sign(torch.diagonal(r))
     state = rotate_llama_state(load_file(src / "model.safetensors"), cfg["num_hidden_layers"], Q)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in ("model.safetensors", "config.json"):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}, indent=2))
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
