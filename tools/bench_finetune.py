@@ -33,6 +33,7 @@ def main() -> None:
     args = p.parse_args()
 
     from qosora.config import PrepareConfig
+    from qosora.config import QosoraConfig
     from qosora.fixtures import smollm2_dir
     from qosora.preparation import prepare
     from qosora.train.loop import DEFAULT_LR, TrainConfig, finetune
@@ -45,9 +46,10 @@ def main() -> None:
     lrs = {m: float(v) for m, v in (x.split("=") for x in args.lr)}
     rows = []
     for method in args.methods.split(","):
-        prepared = work / f"smollm2-{method}-r{args.rank}"
-        if not (prepared / "qosora_config.json").is_file():
-            prepare(smollm2_dir(), prepared, PrepareConfig(method=method, rank=args.rank), overwrite=True, progress=False)
+        prepared, wanted = work / f"smollm2-{method}-r{args.rank}", PrepareConfig(method=method, rank=args.rank)
+        cached = prepared / "qosora_config.json"
+        if not cached.is_file() or QosoraConfig.from_dict(json.loads(cached.read_text())).prepare != wanted:
+            prepare(smollm2_dir(), prepared, wanted, overwrite=True, progress=False)
         run_dir = work / f"run-{method}-{int(time.time())}"
         config = TrainConfig(data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"), out=str(run_dir),
                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
