@@ -55,12 +55,8 @@ class NF4Weight:
         return F.dequantize_4bit(self.data, self.state)
 
     def absmax_fp32(self) -> torch.Tensor:
-        """Per-block absmax as the kernel uses it (double quantization undone)."""
-        _, F = _bnb()
-        st = self.state
-        if st.nested:
-            return F.dequantize_blockwise(st.absmax, st.state2).float() + st.offset.float()
-        return st.absmax.float()
+        """Per-block absmax (scale) as the kernel uses it (double quantization undone)."""
+        return _stored_scales(self.state)
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         st = self.state
@@ -125,20 +121,27 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     code = F.get_4bit_type("nf4", device=W.device)
     blocks = _blocks(W.float(), blocksize)
     scales = blocks.abs().amax(1) if scale == "absmax" else _search_scales(blocks, code)
-    state = F.QuantState(absmax=scales, shape=W.shape, code=code, blocksize=blocksize, quant_type="nf4", dtype=dtype)
-    rounding_scales = scales
+    stored, offset, state2 = scales, None, None
     if double_quant:  # the per-block scales themselves to 8 bits, 256 at a time, around their mean
         offset = scales.mean()
-        qscales, state2 = F.quantize_blockwise(scales - offset, blocksize=256)
-        state = F.QuantState(absmax=qscales, shape=W.shape, code=code, blocksize=blocksize, quant_type="nf4",
-                             dtype=dtype, offset=offset, state2=state2)
-        if scale == "search":  # bitsandbytes rounds under the exact absmax; we may as well use the stored scale
-            rounding_scales = F.dequantize_blockwise(qscales, state2) + offset
+        stored, state2 = F.quantize_blockwise(scales - offset, blocksize=256)
+    state = F.QuantState(absmax=stored, shape=W.shape, code=code, blocksize=blocksize, quant_type="nf4", dtype=dtype,
+                         offset=offset, state2=state2)
+    # bitsandbytes rounds under the exact absmax; a searched scale may as well be used as stored
+    rounding_scales = _stored_scales(state) if scale == "search" else scales
     codes = _nearest_codes(blocks, rounding_scales[:, None], code).reshape(-1)[: W.numel()]
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_zeros(1)])
     packed = (codes[0::2] << 4) | codes[1::2]  # bitsandbytes' order: the first weight in the high nibble
     return NF4Weight(packed.reshape(-1, 1), state)
+
+
+def _stored_scales(state) -> torch.Tensor:
+    """The per-block scales a QuantState holds, fp32, double quantization undone."""
+    _, F = _bnb()
+    if state.nested:
+        return F.dequantize_blockwise(state.absmax, state.state2).float() + state.offset.float()
+    return state.absmax.float()
 
 
 def _blocks(W: torch.Tensor, blocksize: int) -> torch.Tensor:
