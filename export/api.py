@@ -39,8 +39,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
     when the defaults suffice. `reference_model` is the PyTorch model to check against; by default it is loaded from
     `src` (qosora.load for a qosora directory, transformers for a HF directory). Returns the report dict.
     """
-    from qosora.artifact import atomic_directory, copy_side_files
-    from qosora.checkpoint import SIDE_FILES
+    from qosora.files import SIDE_FILES, atomic_directory, copy_side_files
     from qosora.config import CONFIG_NAME
 
     t0 = time.perf_counter()

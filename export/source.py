@@ -5,8 +5,8 @@ one layer's weights are in memory in float32 (plus the embedding, which is neede
 
     HFSource        a plain Hugging Face checkpoint (directory of safetensors, or an in-memory state dict):
                     every linear is dense, nothing is adapted.
-    PreparedSource  a qosora prepared/trained directory, read through qosora.artifact.PreparedReader: adapted
-                    linears have an NF4 residual and a low-rank adapter (docs/CONTRACTS.md).
+    PreparedSource  a qosora prepared/trained directory, read through qosora.prepared.PreparedReader: every adapted
+                    linear is an AdaptedWeight (NF4 residual + low-rank adapter, docs/CONTRACTS.md).
 
 All arrays returned are numpy float32 (the NF4 packed data uint8).
 """
@@ -14,24 +14,15 @@ All arrays returned are numpy float32 (the NF4 packed data uint8).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from qosora.errors import QosoraError
 
-
-@dataclass
-class NF4Parts:
-    """bitsandbytes NF4 of a weight [N, K]: data uint8 [N*K/2] (first weight in the high nibble),
-    absmax float32 [N*K/blocksize] (double quantization already undone)."""
-
-    data: np.ndarray
-    absmax: np.ndarray
-    shape: tuple[int, int]
-    blocksize: int
+if TYPE_CHECKING:
+    from qosora.nf4 import NF4Parts
 
 
 class WeightSource(Protocol):
@@ -52,7 +43,7 @@ class WeightSource(Protocol):
     def residual_dense(self, module: str) -> np.ndarray:
         """deq(NF4(W_res)) [d_out, d_in] (adapted modules only)."""
 
-    def nf4(self, module: str) -> NF4Parts:
+    def nf4(self, module: str) -> "NF4Parts":
         """The NF4 residual as the kernel reads it (adapted modules only)."""
 
     def lowrank(self, module: str) -> tuple[np.ndarray, np.ndarray]:
@@ -78,11 +69,13 @@ class HFSource:
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> "HFSource":
+        from qosora.shards import ShardReader
+
         directory = Path(directory)
         cfg_path = directory / "config.json"
         if not cfg_path.is_file():
             raise QosoraError(f"{directory} has no config.json: pass a Hugging Face model directory")
-        return cls(json.loads(cfg_path.read_text()), _SafetensorsIndex(directory), directory)
+        return cls(json.loads(cfg_path.read_text()), _Tensors(ShardReader(directory)), directory)
 
     @classmethod
     def from_model(cls, model) -> "HFSource":
@@ -112,37 +105,31 @@ class HFSource:
     def residual_dense(self, module: str) -> np.ndarray:
         raise QosoraError(f"{module} is not adapted: a plain checkpoint has no NF4 residual")
 
-    def nf4(self, module: str) -> NF4Parts:
+    def nf4(self, module: str) -> "NF4Parts":
         raise QosoraError(f"{module} is not adapted: a plain checkpoint has no NF4 residual")
 
     def lowrank(self, module: str) -> tuple[np.ndarray, np.ndarray]:
         raise QosoraError(f"{module} is not adapted: a plain checkpoint has no adapter")
 
 
-class _SafetensorsIndex:
-    """name -> tensor, read on demand from the directory's safetensors files (sharded or not)."""
+class _Tensors:
+    """A ShardReader as the name -> tensor mapping HFSource reads (an in-memory state dict is the other one)."""
 
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-
-        files = sorted(directory.glob("*.safetensors"))
-        if not files:
-            raise QosoraError(f"{directory} has no *.safetensors files (pickled .bin checkpoints are not read)")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+    def __init__(self, reader):
+        self._reader = reader
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where
+        return name in self._reader
 
     def __getitem__(self, name: str):
-        return self._where[name].get_tensor(name)
+        return self._reader.get(name)
 
 
 class PreparedSource:
-    """A qosora prepared/trained directory through `qosora.artifact.PreparedReader` (docs/CONTRACTS.md)."""
+    """A qosora prepared/trained directory through `qosora.prepared.PreparedReader` (docs/CONTRACTS.md)."""
 
     def __init__(self, directory: str | Path):
-        from qosora.artifact import PreparedReader
+        from qosora.prepared import PreparedReader
 
         self.directory = Path(directory)
         self._reader = PreparedReader(self.directory)
@@ -165,23 +152,21 @@ class PreparedSource:
 
     def dense(self, module: str) -> np.ndarray:
         if module in self._adapted:
-            return _f32(self._reader.merged_weight(module))
+            return _f32(self._reader.adapted(module).merged())
         return self.tensor(module + ".weight")
 
     def residual_dense(self, module: str) -> np.ndarray:
-        return _f32(self._reader.residual_dense(module))
+        return _f32(self._reader.adapted(module).residual_dense())
 
-    def nf4(self, module: str) -> NF4Parts:
-        p = self._reader.nf4_parts(module)
-        return NF4Parts(
-            data=np.asarray(p.data.cpu().numpy() if hasattr(p.data, "cpu") else p.data, dtype=np.uint8).reshape(-1),
-            absmax=_f32(p.absmax).reshape(-1),
-            shape=tuple(int(s) for s in p.shape),
-            blocksize=int(p.blocksize),
-        )
+    def nf4(self, module: str) -> "NF4Parts":
+        weight = self._reader.adapted(module)
+        if not weight.is_quantized:
+            raise QosoraError(f"{self.directory} keeps its residual unquantized (quant_type=none): export it as int4, "
+                              "fp16 or fp32, not nf4")
+        return weight.nf4_parts()
 
     def lowrank(self, module: str) -> tuple[np.ndarray, np.ndarray]:
-        b, a = self._reader.lowrank(module)
+        b, a = self._reader.adapted(module).lowrank()
         return _f32(b), _f32(a)
 
     def bias(self, module: str) -> np.ndarray | None:

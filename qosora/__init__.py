@@ -18,17 +18,18 @@ _API = {
     "PrepareConfig": ("qosora.config", "PrepareConfig"),
     "QuantConfig": ("qosora.config", "QuantConfig"),
     "SVDConfig": ("qosora.config", "SVDConfig"),
-    "load": ("qosora.artifact", "load"),
-    "save_trained": ("qosora.artifact", "save_trained"),
-    "PreparedReader": ("qosora.artifact", "PreparedReader"),
+    "load": ("qosora.loading", "load"),
+    "save_trained": ("qosora.prepared", "save_trained"),
+    "PreparedReader": ("qosora.prepared", "PreparedReader"),
+    "AdaptedWeight": ("qosora.adapted", "AdaptedWeight"),
     "merge": ("qosora.merging", "merge"),
     "inspect": ("qosora.inspection", "inspect"),
     "adapter_layers": ("qosora.layer", "adapter_layers"),
     "SVDAdapterLinear": ("qosora.layer", "SVDAdapterLinear"),
     "QosoraError": ("qosora.errors", "QosoraError"),
     "finetune": ("qosora.train.loop", "finetune"),
-    "evaluate": ("qosora.train.evaluate", "evaluate"),
-    "plan": ("qosora.train.plan", "plan"),
+    "evaluate": ("qosora.evaluation", "evaluate"),
+    "plan": ("qosora.planning", "plan"),
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -8,14 +8,16 @@ instead of guessing.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from qosora.errors import QosoraError
+from qosora.options import check, option
 
 Method = Literal["sorsa", "osora", "pissa", "qlora"]
-METHODS: tuple[str, ...] = ("sorsa", "osora", "pissa", "qlora")
+METHODS: tuple[str, ...] = get_args(Method)
+Dtype = Literal["bfloat16", "float16", "float32"]
 
 # Short names accepted on the command line -> the module names used by Llama, Mistral and Qwen2.
 TARGET_ALIASES = {
@@ -26,28 +28,26 @@ ALL_TARGETS: tuple[str, ...] = tuple(TARGET_ALIASES.values())
 
 CONFIG_NAME = "qosora_config.json"
 FORMAT_VERSION = 1
+NF4_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """How the frozen residual is stored. `quant_type="none"` keeps it dense (for tests and ablations)."""
 
-    quant_type: Literal["nf4", "none"] = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    # "search": per block, the error-minimising scale (same NF4 format and kernels); "absmax": bitsandbytes' own.
-    scale: Literal["search", "absmax"] = "search"
+    quant_type: Literal["nf4", "none"] = option("nf4", "nf4, or none to keep the residual dense", cli=False)
+    blocksize: int = option(64, "NF4 block size", cli=False)
+    double_quant: bool = option(True, "8-bit quantize the block scales (QLoRA's double quantization)", cli=False)
+    compute_dtype: Dtype = option("bfloat16", "dtype the NF4 residual dequantizes to in the forward")
+    scale: Literal["search", "absmax"] = option(
+        "search", "NF4 block scales: error-minimising, or bitsandbytes' absmax; same format either way",
+        flag="--nf4-scale")
 
-    def validate(self) -> None:
-        if self.quant_type not in ("nf4", "none"):
-            raise QosoraError(f"unknown quant_type {self.quant_type!r}: use 'nf4' or 'none'")
-        if self.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+    def validate(self) -> "QuantConfig":
+        check(self)
+        if self.blocksize not in NF4_BLOCKSIZES:
             raise QosoraError(f"NF4 blocksize {self.blocksize} is not supported: use 64 (default), 128, 256, ...")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise QosoraError(f"unknown compute dtype {self.compute_dtype!r}: use bfloat16, float16 or float32")
-        if self.scale not in ("search", "absmax"):
-            raise QosoraError(f"unknown NF4 scale {self.scale!r}: use 'search' (default) or 'absmax'")
+        return self
 
 
 @dataclass(frozen=True)
@@ -59,39 +59,30 @@ class SVDConfig:
     it only changes how much error NF4 adds.
     """
 
-    solver: Literal["randomized", "exact"] = "randomized"
-    oversample: int = 8
-    niter: int = 4
-    refine_rounds: int = 1
-    seed: int = 0
+    solver: Literal["randomized", "exact"] = option("randomized", "top-r SVD solver", flag="--svd")
+    oversample: int = option(8, "randomized SVD oversampling", flag="--svd-oversample", min=0)
+    niter: int = option(4, "randomized SVD power iterations", flag="--svd-niter", min=0)
+    refine_rounds: int = option(1, "QPiSSA-style residual refinement rounds (1 = plain residual quantization)", min=1)
+    seed: int = option(0, "seed of the randomized SVD and of QLoRA's A init")
 
-    def validate(self) -> None:
-        if self.solver not in ("randomized", "exact"):
-            raise QosoraError(f"unknown SVD solver {self.solver!r}: use 'randomized' or 'exact'")
-        if self.oversample < 0 or self.niter < 0:
-            raise QosoraError("--svd-oversample and --svd-niter must be >= 0")
-        if self.refine_rounds < 1:
-            raise QosoraError(f"--refine-rounds must be >= 1 (1 = plain residual quantization), got {self.refine_rounds}")
+    def validate(self) -> "SVDConfig":
+        check(self)
+        return self
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
     """What `qosora prepare` does to every targeted linear layer."""
 
-    method: Method = "sorsa"
-    rank: int = 64
-    targets: tuple[str, ...] = ALL_TARGETS
-    adapter_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    svd: SVDConfig = field(default_factory=SVDConfig)
+    method: Method = option("sorsa", "adapter method")
+    rank: int = option(64, "adapter rank r", min=1)
+    targets: tuple[str, ...] = option(ALL_TARGETS, "linear layers to adapt", cli=False)
+    adapter_dtype: Dtype = option("bfloat16", "dtype the adapter factors are stored and trained in")
+    quant: QuantConfig = option(default_factory=QuantConfig)
+    svd: SVDConfig = option(default_factory=SVDConfig)
 
     def validate(self) -> "PrepareConfig":
-        if self.method not in METHODS:
-            raise QosoraError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise QosoraError(f"--rank must be a positive integer, got {self.rank!r}")
-        if self.adapter_dtype not in ("bfloat16", "float16", "float32"):
-            raise QosoraError(f"unknown adapter dtype {self.adapter_dtype!r}")
+        check(self)
         self.quant.validate()
         self.svd.validate()
         return self
@@ -138,6 +129,9 @@ class QosoraConfig:
             quant=QuantConfig(**{"scale": "absmax", **p["quant"]}),  # written before the search existed: absmax
             svd=SVDConfig(**p["svd"]),
         )
+        prepare.validate()
+        if not isinstance(d["modules"], list) or not all(isinstance(m, str) for m in d["modules"]):
+            raise TypeError("modules is not a list of names")
         return cls(
             prepare=prepare, model_type=d["model_type"], modules=list(d["modules"]), source=d["source"],
             qosora_version=d["qosora_version"], trained_steps=d.get("trained_steps", 0),
@@ -151,5 +145,7 @@ class QosoraConfig:
             raise QosoraError(f"{directory} is not a qosora directory ({CONFIG_NAME} missing): run `qosora prepare` first")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except QosoraError as e:
             raise QosoraError(f"{path} is corrupt ({e}): re-run `qosora prepare`") from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise QosoraError(f"{path} is corrupt ({type(e).__name__}: {e}): re-run `qosora prepare`") from None

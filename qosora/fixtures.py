@@ -52,7 +52,7 @@ def smollm2_dir() -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from qosora.artifact import atomic_directory
+    from qosora.files import atomic_directory
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -115,7 +115,7 @@ def rotated_llama_copy(src: Path, out: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from qosora.artifact import atomic_directory
+    from qosora.files import atomic_directory
 
     src, out = Path(src), Path(out)
     cfg = json.loads((src / "config.json").read_text())

@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qosora.architectures import parse_linear
-from qosora.artifact import PreparedReader
+from qosora.prepared import PreparedReader
 
 
 def inspect(directory: str | Path) -> dict:

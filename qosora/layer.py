@@ -2,7 +2,8 @@
 
     y = NF4linear(W_res, x) + bias + adapter(x)
 
-`adapter` is the method's function from `qosora.methods` (SORSA, OSoRA, PiSSA, QLoRA). The factors live in the
+`adapter` is the method's function from `qosora.methods` (SORSA, OSoRA, PiSSA, QLoRA); the layer is built from, and
+gives back, an `AdaptedWeight` (qosora.adapted), the one definition of the stored function. The factors live in the
 adapter dtype (bf16 by default); the trainable ones are `nn.Parameter`s, the rest buffers, so an optimizer built
 from `model.parameters()` with `requires_grad` sees exactly what the method declares. The forward never builds the
 dense (d_out, d_in) delta: the adapter costs O(r (d_in + d_out)) a token.
@@ -13,21 +14,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qosora.methods import METHOD_SPECS, Factors, orthonormality
+from qosora.adapted import AdaptedWeight
+from qosora.methods import Factors, orthonormality
 from qosora.nf4 import DTYPES, NF4Weight, nf4_matmul
 
 
 class SVDAdapterLinear(nn.Module):
-    def __init__(
-        self,
-        method: str,
-        residual: NF4Weight | torch.Tensor,
-        factors: Factors,
-        bias: torch.Tensor | None = None,
-        compute_dtype: str = "bfloat16",
-    ):
+    def __init__(self, weight: AdaptedWeight, compute_dtype: str = "bfloat16"):
         super().__init__()
-        self.spec = METHOD_SPECS[method]
+        self.spec = weight.spec
+        residual, factors, bias = weight.residual, weight.factors, weight.bias
         self.compute_dtype = DTYPES[compute_dtype]
         # Frozen residual: NF4 (not a Parameter, so optimizers and .parameters() never see it) or a dense buffer.
         if isinstance(residual, NF4Weight):
@@ -78,21 +74,10 @@ class SVDAdapterLinear(nn.Module):
         y = self.base_forward(x) + self.spec.forward(factors, x.to(self.compute_dtype))
         return y.to(x.dtype)
 
-    def residual_dense(self) -> torch.Tensor:
-        """deq(NF4(W_res)) (or the dense residual) in fp32."""
-        if self.residual_nf4 is not None:
-            return self.residual_nf4.dequantize().float()
-        return self.residual.float()
-
-    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) in fp32 with adapter(x) = B (A x)."""
-        with torch.no_grad():
-            return self.spec.lowrank(self.factors())
-
-    def merged_weight(self) -> torch.Tensor:
-        """deq(W_res) + B A in fp32: the function that was trained, as one dense weight."""
-        B, A = self.lowrank()
-        return self.residual_dense() + B @ A
+    def adapted(self) -> AdaptedWeight:
+        """The layer's current function as an `AdaptedWeight` (shares its tensors): `.merged()`, `.lowrank()`, ..."""
+        residual = self.residual_nf4 if self.residual_nf4 is not None else self.residual
+        return AdaptedWeight(self.spec, residual, self.factors(), self.bias)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         self.compute_dtype = dtype

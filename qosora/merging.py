@@ -14,8 +14,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from qosora.architectures import layer_index
-from qosora.artifact import PreparedReader, atomic_directory, copy_side_files
-from qosora.checkpoint import SIDE_FILES, ShardedWriter
+from qosora.files import atomic_directory, copy_side_files
+from qosora.prepared import PreparedReader
+from qosora.shards import ShardedWriter
 from qosora.errors import QosoraError
 from qosora.nf4 import DTYPES
 
@@ -40,10 +41,10 @@ def merge(
         writer = ShardedWriter(tmp, "model", max_shard_bytes)
         for name in tqdm(names, desc="merge", unit="tensor", disable=not progress):
             module = name[: -len(".weight")]
-            t = reader.merged_weight(module) if name.endswith(".weight") and module in modules else reader.base_tensor(name)
+            t = reader.adapted(module).merged() if name.endswith(".weight") and module in modules else reader.base_tensor(name)
             writer.add(name, t.to(torch_dtype) if t.is_floating_point() else t)
         writer.close()
-        copy_side_files(reader.directory, tmp, SIDE_FILES)
+        copy_side_files(reader.directory, tmp)
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = dtype
         config.pop("torch_dtype", None)

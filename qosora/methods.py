@@ -1,6 +1,6 @@
 """The four adapter methods, as data plus one small function each.
 
-With W = W_res + principal and (U, S, Vh) the top-r SVD factors of W (DESIGN.md §2):
+With W = W_res + principal and (U, S, Vh) the top-r SVD factors of W:
 
 | method | adapter(x)                       | trainable      | stored factors | paper          |
 |--------|----------------------------------|----------------|----------------|----------------|
@@ -79,7 +79,15 @@ class MethodSpec:
     init: Callable[..., Factors]     # (principal, d_out, d_in, rank, generator) -> factors
     forward: Callable[[Factors, torch.Tensor], torch.Tensor]
     lowrank: Callable[[Factors], tuple[torch.Tensor, torch.Tensor]]  # -> (B fp32 (d_out, r'), A fp32 (r', d_in))
-    orthonormal_regularizer: bool = False
+    # A learning rate that works for short runs (the papers' values are for multi-epoch 7B runs: SORSA 3e-5,
+    # PiSSA 2e-5). OSoRA trains only S and O, a few thousand numbers a layer, and needs a larger one.
+    default_lr: float
+    # SORSA's orthonormal regularizer on U, Vh: its default gamma (paper: 4e-4); 0 = the method has none.
+    default_gamma: float = 0.0
+
+    @property
+    def orthonormal_regularizer(self) -> bool:
+        return self.default_gamma > 0
 
     def trainable_count(self, d_out: int, d_in: int, rank: int) -> int:
         sizes = {"U": d_out * rank, "S": rank, "Vh": rank * d_in, "O": d_out, "A": rank * d_in, "B": d_out * rank}
@@ -87,10 +95,12 @@ class MethodSpec:
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
-    "sorsa": MethodSpec("sorsa", True, ("U", "S", "Vh"), ("U", "S", "Vh"), _init_sorsa, _forward_svd, _lowrank_svd, True),
-    "osora": MethodSpec("osora", True, ("U", "S", "Vh", "O"), ("S", "O"), _init_osora, _forward_osora, _lowrank_osora),
-    "pissa": MethodSpec("pissa", True, ("A", "B"), ("A", "B"), _init_pissa, _forward_ab, _lowrank_ab),
-    "qlora": MethodSpec("qlora", False, ("A", "B"), ("A", "B"), _init_qlora, _forward_ab, _lowrank_ab),
+    "sorsa": MethodSpec("sorsa", True, ("U", "S", "Vh"), ("U", "S", "Vh"), _init_sorsa, _forward_svd, _lowrank_svd,
+                        default_lr=1e-4, default_gamma=4e-4),
+    "osora": MethodSpec("osora", True, ("U", "S", "Vh", "O"), ("S", "O"), _init_osora, _forward_osora, _lowrank_osora,
+                        default_lr=2e-3),
+    "pissa": MethodSpec("pissa", True, ("A", "B"), ("A", "B"), _init_pissa, _forward_ab, _lowrank_ab, default_lr=1e-4),
+    "qlora": MethodSpec("qlora", False, ("A", "B"), ("A", "B"), _init_qlora, _forward_ab, _lowrank_ab, default_lr=2e-4),
 }
 
 

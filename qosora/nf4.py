@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -36,6 +37,20 @@ def _bnb():
     import bitsandbytes.functional as F
 
     return bitsandbytes, F
+
+
+@dataclass
+class NF4Parts:
+    """What a 4-bit kernel (MatMulBnb4, bitsandbytes) reads of an NF4 weight [N, K], as numpy arrays.
+
+    data    uint8   [N*K/2]           two codes a byte, the first weight in the high nibble
+    absmax  float32 [N*K/blocksize]   per-block scales, double quantization undone
+    """
+
+    data: np.ndarray
+    absmax: np.ndarray
+    shape: tuple[int, int]
+    blocksize: int
 
 
 @dataclass
@@ -57,6 +72,10 @@ class NF4Weight:
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block absmax (scale) as the kernel uses it (double quantization undone)."""
         return _stored_scales(self.state)
+
+    def parts(self) -> NF4Parts:
+        return NF4Parts(self.data.reshape(-1).cpu().numpy(), self.absmax_fp32().cpu().numpy().reshape(-1),
+                        tuple(int(s) for s in self.shape), int(self.state.blocksize))
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         st = self.state

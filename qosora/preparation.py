@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from qosora import __version__
 from qosora.architectures import check_supported, layer_index, parse_linear
-from qosora.artifact import STATS_NAME, atomic_directory, copy_side_files
-from qosora.checkpoint import SIDE_FILES, CheckpointReader, ShardedWriter
+from qosora.files import atomic_directory, copy_side_files
+from qosora.prepared import STATS_NAME
+from qosora.shards import ShardedWriter, ShardReader
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
 from qosora.decompose import check_rank, principal_split, relative_error
 from qosora.errors import QosoraError
@@ -67,7 +68,7 @@ def read_hf_config(model_dir: Path) -> dict:
         raise QosoraError(f"{path} is not valid JSON ({e})") from None
 
 
-def select_modules(reader: CheckpointReader, config: PrepareConfig, filter_fn: FilterFn | None) -> list[str]:
+def select_modules(reader: ShardReader, config: PrepareConfig, filter_fn: FilterFn | None) -> list[str]:
     modules = []
     for name in reader.names():
         if not name.endswith(".weight"):
@@ -178,7 +179,7 @@ def prepare(
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
     model_type = check_supported(hf_config, str(model_dir))
-    reader = CheckpointReader(model_dir)
+    reader = ShardReader(model_dir)
     modules = select_modules(reader, config, filter_fn)
     adapted = {f"{m}.weight" for m in modules}
     device = torch.device(device) if device is not None else default_device()
@@ -224,7 +225,7 @@ def prepare(
         base.close()
         residual_writer.close()
         adapter_writer.close()
-        copy_side_files(model_dir, tmp, SIDE_FILES)
+        copy_side_files(model_dir, tmp)
         qcfg = QosoraConfig(
             prepare=config, model_type=model_type, modules=modules,
             source={"path": str(model_dir.resolve()), "fingerprint": reader.fingerprint()},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qosora.export.source import HFSource, NF4Parts
+from qosora.export.source import HFSource
+from qosora.nf4 import NF4Parts
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from qosora.checkpoint import CheckpointReader, ShardedWriter
+from qosora.shards import ShardReader, ShardedWriter
 from qosora.errors import QosoraError
 
 TENSORS = {
@@ -28,7 +28,7 @@ def test_written_shards_read_back_identically(tmp_path, max_shard_bytes):
     for f in files:
         with safe_open(tmp_path / f, "pt") as h:
             seen.update({k: h.get_tensor(k) for k in h.keys()})
-    reader = CheckpointReader(tmp_path, "x")
+    reader = ShardReader(tmp_path, "x")
     for name, t in TENSORS.items():
         assert torch.equal(seen[name], t) and seen[name].dtype == t.dtype, name
         assert torch.equal(reader.get(name), t) and reader.shape(name) == tuple(t.shape), name
@@ -44,10 +44,10 @@ def test_truncated_file_is_reported(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(QosoraError, match="truncated"):
-        CheckpointReader(tmp_path).get("w")
+        ShardReader(tmp_path).get("w")
 
 
 def test_missing_shard_is_reported(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
     with pytest.raises(QosoraError, match="missing"):
-        CheckpointReader(tmp_path)
+        ShardReader(tmp_path)

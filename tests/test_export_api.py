@@ -112,7 +112,7 @@ def test_cli_export_json_and_generate(hf_dir, tmp_path, capsys):
 
 
 def test_prepared_directory_exports_nf4_and_int4(hf_dir, tmp_path):
-    """Through qosora.artifact.PreparedReader: nf4 reproduces qosora.load's model; int4 requantizes the merge."""
+    """Through qosora.prepared.PreparedReader: nf4 reproduces qosora.load's model; int4 requantizes the merge."""
     prep = pytest.importorskip("qosora.preparation")
     from qosora.config import PrepareConfig, QuantConfig
 

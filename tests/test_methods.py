@@ -1,8 +1,9 @@
-"""Each method's adapter against a float64 dense reference, its trainable count against DESIGN.md §2."""
+"""Each method's adapter against a float64 dense reference, its trainable count against the formula in methods.py."""
 
 import pytest
 import torch
 
+from qosora.adapted import AdaptedWeight
 from qosora.decompose import Principal
 from qosora.layer import SVDAdapterLinear
 from qosora.methods import METHOD_SPECS, orthonormality
@@ -47,14 +48,15 @@ def test_forward_and_lowrank_match_dense_reference(method):
 ])
 def test_trainable_count_follows_the_formula(method, expected):
     assert METHOD_SPECS[method].trainable_count(D_OUT, D_IN, R) == expected
-    layer = SVDAdapterLinear(method, torch.randn(D_OUT, D_IN), factors_for(method), compute_dtype="float32")
+    layer = SVDAdapterLinear(AdaptedWeight(METHOD_SPECS[method], torch.randn(D_OUT, D_IN), factors_for(method)),
+                             compute_dtype="float32")
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == expected
 
 
 @pytest.mark.parametrize("method", list(METHOD_SPECS))
 def test_gradients_reach_exactly_the_declared_factors(method):
-    layer = SVDAdapterLinear(method, torch.randn(D_OUT, D_IN), factors_for(method), bias=torch.randn(D_OUT),
-                             compute_dtype="float32")
+    weight = AdaptedWeight(METHOD_SPECS[method], torch.randn(D_OUT, D_IN), factors_for(method), torch.randn(D_OUT))
+    layer = SVDAdapterLinear(weight, compute_dtype="float32")
     layer(torch.randn(3, D_IN)).square().sum().backward()
     with_grad = {n for n, p in layer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert with_grad == set(METHOD_SPECS[method].trainable)
@@ -74,3 +76,16 @@ def test_orthonormality_against_float64():
     eye = torch.eye(R, dtype=torch.float64)
     ref = torch.linalg.norm(U2.double().T @ U2.double() - eye) + torch.linalg.norm(Vh2.double() @ Vh2.double().T - eye)
     torch.testing.assert_close(orthonormality(U2, Vh2).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+def test_adapted_weight_merged_is_the_layer_function(method):
+    """merged() x + bias equals the layer's forward in fp32, against a float64 reference."""
+    res, f, bias = torch.randn(D_OUT, D_IN), factors_for(method), torch.randn(D_OUT)
+    weight = AdaptedWeight(METHOD_SPECS[method], res, f, bias)
+    x = torch.randn(5, D_IN)
+    ref = x.double() @ (res.double() + dense_delta_reference(method, f)).T + bias.double()
+    torch.testing.assert_close((x @ weight.merged().T + bias).double(), ref, atol=1e-5, rtol=1e-5)
+    layer = SVDAdapterLinear(weight, compute_dtype="float32")
+    torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.adapted().merged(), weight.merged())

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from qosora.train.plan import GiB, ModelDims, plan
+from qosora.planning import GiB, ModelDims, plan
 from test_train_data import write_jsonl
 from test_train_loop import make_prepared, one_thread, reversal_data  # noqa: F401  (fixture)
 
@@ -30,7 +30,7 @@ def test_llama2_7b_sorsa_r128_fits_8gb_and_llama3_8b_fits_10gb_thanks_to_chunked
 
 
 def test_plan_counts_the_trainable_parameters_of_a_real_prepared_model(tmp_path):
-    from qosora.artifact import load
+    from qosora.loading import load
     from qosora.train.loop import trainable_parameters
 
     for method in ("sorsa", "osora", "pissa"):
@@ -57,7 +57,7 @@ def test_plan_cli_json_and_fit(capsys):
 
 def test_eval_loss_ppl_and_exact_match(tmp_path, capsys):
     from qosora.cli import main
-    from qosora.train.evaluate import evaluate
+    from qosora.evaluation import evaluate
 
     prepared = make_prepared(tmp_path, "pissa")
     data = reversal_data(tmp_path / "d.jsonl", n=12)
@@ -80,7 +80,7 @@ def test_eval_loss_ppl_and_exact_match(tmp_path, capsys):
     ("no digits", None),
 ])
 def test_extract_answer(text, expected):
-    from qosora.train.evaluate import extract_answer
+    from qosora.evaluation import extract_answer
 
     assert extract_answer(text) == expected
 

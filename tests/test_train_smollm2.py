@@ -12,7 +12,7 @@ def test_smollm2_sorsa_demo_finetune_lowers_heldout_loss(tmp_path):
     from qosora.data import DEMO_JSONL
     from qosora.fixtures import smollm2_dir
     from qosora.config import PrepareConfig
-    from qosora.train.evaluate import evaluate
+    from qosora.evaluation import evaluate
     from qosora.train.loop import TrainConfig, finetune
 
     config = TrainConfig(data=str(DEMO_JSONL), out=str(tmp_path / "run"), steps=12, lr=3e-4, batch_size=8,

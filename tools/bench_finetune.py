@@ -36,7 +36,8 @@ def main() -> None:
     from qosora.config import QosoraConfig
     from qosora.fixtures import smollm2_dir
     from qosora.preparation import prepare
-    from qosora.train.loop import DEFAULT_LR, TrainConfig, finetune
+    from qosora.methods import METHOD_SPECS
+    from qosora.train.loop import TrainConfig, finetune
 
     lines = [l for l in Path(args.gsm8k).read_text().splitlines() if l.strip()]
     work = Path(args.work)
@@ -53,7 +54,7 @@ def main() -> None:
         run_dir = work / f"run-{method}-{int(time.time())}"
         config = TrainConfig(data=str(work / "train.jsonl"), eval_data=str(work / "eval.jsonl"), out=str(run_dir),
                              steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                             lr=lrs.get(method, DEFAULT_LR[method]))
+                             lr=lrs.get(method, METHOD_SPECS[method].default_lr))
         res = finetune(prepared, config, progress=False)
         row = {"method": method, "lr": config.lr, **res.to_dict()}
         rows.append(row)

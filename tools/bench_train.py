@@ -46,7 +46,7 @@ def build(kind: str, prepared: str | None):
     import torch
 
     from qosora.fixtures import smollm2_dir
-    from qosora.train.loop import bf16_supported
+    from qosora.precision import bf16_supported
 
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (BATCH, SEQ))
@@ -68,7 +68,7 @@ def build(kind: str, prepared: str | None):
                 return model(input_ids=ids, labels=ids).loss
         reg = None
     else:
-        from qosora.artifact import load
+        from qosora.loading import load
         from qosora.layer import adapter_layers
         from qosora.train.data import Batch
         from qosora.train.loop import trainable_parameters
@@ -150,7 +150,7 @@ def main() -> None:
     from qosora.config import PrepareConfig
     from qosora.fixtures import smollm2_dir
     from qosora.preparation import prepare
-    from qosora.train.plan import plan
+    from qosora.planning import plan
 
     work = Path(args.work)
     prepared = {}

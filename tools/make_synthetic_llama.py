@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qosora.checkpoint import ShardedWriter
+from qosora.shards import ShardedWriter
 
 # TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4 heads, MLP 5632, vocab 32000.
 CONFIG = {

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from qosora.train.evaluate import evaluate
+    from qosora.evaluation import evaluate
 
     report = evaluate(args.model_dir, args.data, args.metric, seq_len=args.seq_len, batch_size=args.batch_size,
                       limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device,

@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from qosora.config import ALL_TARGETS, PrepareConfig
-    from qosora.train.plan import GiB, plan
+    from qosora.planning import GiB, plan
 
     targets = PrepareConfig.normalize_targets(args.targets) if args.targets else ALL_TARGETS
     report = plan(args.config, args.method, args.rank, args.seq_len, args.batch_size, args.optim,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from qosora.artifact import atomic_directory
+from qosora.files import atomic_directory
 
 CHECKPOINTS = "checkpoints"
 

@@ -7,12 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from qosora.errors import QosoraError
-from qosora.train.optim import OPTIMS
+from qosora.options import check, option
+from qosora.train.optim import Optim
 
-# Learning rates that work for short runs of each method (the paper values are for multi-epoch 7B runs:
-# SORSA 3e-5, PiSSA 2e-5). OSoRA trains only S and O, a few thousand numbers a layer, and needs a larger one.
-DEFAULT_LR = {"sorsa": 1e-4, "osora": 2e-3, "pissa": 1e-4, "qlora": 2e-4}
-DEFAULT_GAMMA = 4e-4  # SORSA paper; ignored by the other methods
 TRAIN_CONFIG = "train_config.json"
 
 
@@ -20,49 +17,38 @@ TRAIN_CONFIG = "train_config.json"
 class TrainConfig:
     """Every option of a training run; written to OUT/train_config.json and checked again on --resume."""
 
-    data: str
-    out: str
-    eval_data: str | None = None
-    eval_fraction: float = 0.0
-    steps: int | None = None            # exactly one of steps / epochs (default: 1 epoch)
-    epochs: float | None = None
-    lr: float | None = None             # default: DEFAULT_LR[method]
-    warmup_steps: int | None = None     # default: 3 % of steps
-    min_lr_ratio: float = 0.0           # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 512
-    packing: bool = False
-    gamma: float | None = None          # SORSA orthonormal regularizer; default DEFAULT_GAMMA, 0 = off
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    optim: str = "adamw"
-    chunked_loss: bool = True
-    save_every: int = 0                 # 0: only the final model
-    keep_checkpoints: int = 2
-    eval_every: int = 0                 # 0: evaluate at start and end only (when there is eval data)
-    eval_batches: int | None = None     # cap on eval examples / batch_size during training
-    log_every: int = 1
-    bf16: bool | None = None            # None: where the hardware has it
+    data: str = option(help="training JSONL")
+    out: str = option(help="run directory (checkpoints, metrics, the final trained model)")
+    eval_data: str | None = option(None, "held-out JSONL (evaluated at start, end and every --eval-every steps)")
+    eval_fraction: float = option(0.0, "hold out this fraction of --data instead", min=0.0, max=0.5)
+    steps: int | None = option(None, "optimizer steps (default: one epoch)", min=1)
+    epochs: float | None = option(None, "epochs instead of --steps", gt=0.0)
+    lr: float | None = option(None, "peak learning rate (default: the method's, see `qosora train --help`)", gt=0.0)
+    warmup_steps: int | None = option(None, "linear warmup steps, then cosine (default: 3%% of the steps)", min=0)
+    min_lr_ratio: float = option(0.0, "cosine floor as a fraction of --lr", min=0.0, max=1.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    max_grad_norm: float = option(1.0, "gradient clipping, before the SORSA regularizer", gt=0.0)
+    batch_size: int = option(4, "examples per micro-batch per process", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    seq_len: int = option(512, "truncate examples to this many tokens", min=2)
+    packing: bool = option(False, "concatenate examples into full --seq-len rows")
+    gamma: float | None = option(None, "SORSA orthonormal regularizer, scaled by 1/lr (default 4e-4; 0 = off)",
+                                 min=0.0)
+    seed: int = option(0, "data order, init and dropout seed")
+    gradient_checkpointing: bool = option(False, "recompute each layer in backward (less activation memory)")
+    optim: Optim = option("adamw", "8-bit variants need CUDA (bitsandbytes); on CPU torch AdamW is used")
+    chunked_loss: bool = option(True, "disable the chunked cross-entropy (for comparison)", flag="--full-logits")
+    save_every: int = option(0, "checkpoint every N steps (0: final model only)", min=0)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
+    eval_every: int = option(0, "evaluate every N steps (0: at start and end only)", min=0)
+    eval_batches: int | None = option(None, "cap on eval examples / batch size during training", min=1)
+    log_every: int = option(1, "write a metrics.jsonl row every N steps", min=1)
+    bf16: bool | None = option(None, "bf16 autocast (default: where the processor computes bf16 natively)")
 
     def validate(self) -> "TrainConfig":
+        check(self)
         if self.steps is not None and self.epochs is not None:
             raise QosoraError("pass either --steps or --epochs, not both")
-        for name in ("batch_size", "grad_accum", "seq_len", "log_every"):
-            if getattr(self, name) < 1:
-                raise QosoraError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.steps is not None and self.steps < 1:
-            raise QosoraError(f"--steps must be >= 1, got {self.steps}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise QosoraError(f"--epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and self.lr <= 0:
-            raise QosoraError(f"--lr must be > 0, got {self.lr}")
-        if self.gamma is not None and self.gamma < 0:
-            raise QosoraError(f"--gamma must be >= 0, got {self.gamma}")
-        if self.optim not in OPTIMS:
-            raise QosoraError(f"unknown --optim {self.optim!r}: choose one of {', '.join(OPTIMS)}")
         if self.eval_data is not None and self.eval_fraction:
             raise QosoraError("pass either --eval-data or --eval-fraction, not both")
         return self

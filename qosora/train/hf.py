@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from qosora.artifact import load
+from qosora.loading import load
 from qosora.layer import adapter_layers
 from qosora.train.regularizer import add_regularizer_grad
 

@@ -31,26 +31,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qosora.artifact import load, save_trained
+from qosora.loading import load
+from qosora.prepared import save_trained
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
 from qosora.errors import QosoraError
 from qosora.layer import adapter_layers, mark_only_adapters_trainable
+from qosora.methods import METHOD_SPECS
 from qosora.train import checkpoint, distributed
-from qosora.train.config import DEFAULT_GAMMA, DEFAULT_LR, TRAIN_CONFIG, TrainConfig, TrainResult, check_resume_config
+from qosora.train.config import TRAIN_CONFIG, TrainConfig, TrainResult, check_resume_config
 from qosora.train.data import BatchOrder, collate, load_examples, pack, split_holdout
-from qosora.train.evaluate import autocast_context, eval_loss
+from qosora.evaluation import eval_loss
+from qosora.precision import autocast_context, bf16_supported
 from qosora.train.loss import causal_lm_loss
 from qosora.train.metrics import LOSS_PLOT, METRICS, MetricsLog, plot_loss
 from qosora.train.optim import cosine_with_warmup, effective_optim, make_optimizer
 from qosora.train.regularizer import add_regularizer_grad, orthonormality
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, p, lambda: False)() for p in probes)
-
 
 def _is_prepared(path: Path) -> bool:
     return (path / CONFIG_NAME).is_file()
@@ -136,8 +131,9 @@ def finetune(
     distributed.barrier(info)
     prepared = resolve_prepared(model_dir, out, prepare_config, info, progress and info.is_main)
     method = QosoraConfig.read(prepared).prepare.method
-    config = replace(config, lr=config.lr or DEFAULT_LR[method],
-                     gamma=(DEFAULT_GAMMA if config.gamma is None else config.gamma) if method == "sorsa" else 0.0)
+    spec = METHOD_SPECS[method]
+    config = replace(config, lr=config.lr or spec.default_lr,
+                     gamma=(spec.default_gamma if config.gamma is None else config.gamma) if spec.orthonormal_regularizer else 0.0)
 
     device = distributed.device_for(info)
     use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qosora.errors import QosoraError
+from qosora.precision import autocast_context, bf16_supported
 from qosora.train.data import Example, collate, gsm8k_prompt, load_examples, read_jsonl
 from qosora.train.loss import causal_lm_loss
 
@@ -28,10 +28,6 @@ Metric = Literal["loss", "ppl", "exact-match"]
 METRICS: tuple[str, ...] = ("loss", "ppl", "exact-match")
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 @torch.no_grad()
@@ -111,7 +107,7 @@ def load_model_and_tokenizer(directory: str | Path, device: torch.device, dtype:
 
     directory = Path(directory)
     if (directory / "qosora_config.json").is_file():
-        from qosora.artifact import load
+        from qosora.loading import load
 
         model = load(directory, dtype=dtype, device=device)
     elif (directory / "config.json").is_file():
@@ -128,8 +124,6 @@ def evaluate(directory: str | Path, data: str | Path, metric: str = "loss", *, s
     if metric not in METRICS:
         raise QosoraError(f"unknown metric {metric!r}: choose one of {', '.join(METRICS)}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from qosora.train.loop import bf16_supported
-
     bf16 = bf16_supported(dev)
     model, tokenizer = load_model_and_tokenizer(directory, dev, torch.bfloat16 if bf16 else torch.float32)
     if metric == "exact-match":

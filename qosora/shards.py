@@ -1,7 +1,8 @@
 """Streamed safetensors I/O: read a Hugging Face checkpoint one tensor at a time, write sharded outputs.
 
-Reading uses `safe_open`, which memory-maps the file, so only the tensor being processed is resident. Writing
-collects tensors up to `max_shard_bytes` and flushes a shard, so a 7B model is never held whole in memory.
+`ShardReader` reads each tensor with a positioned read of its byte range (no memory map), so only the tensor being
+processed is resident. `ShardedWriter` streams tensors into a shard's data file and writes the header when the
+shard is full, so a 7B model is never held whole in memory.
 Shards follow the Hugging Face convention (`name-00001-of-00003.safetensors` + `name.safetensors.index.json`),
 with a single `name.safetensors` when everything fits one shard.
 """
@@ -19,41 +20,60 @@ from safetensors.torch import save_file
 
 from qosora.errors import QosoraError
 
-# Files copied from a source model directory next to the weights we write.
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-
-
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 
 
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors JSON header of `path` and the byte offset where tensor data starts."""
+    """The safetensors JSON header of `path` (validated) and the byte offset where tensor data starts."""
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < (100 << 20):
+            if not 0 < n < _MAX_HEADER_BYTES or 8 + n > size:
                 raise ValueError(f"header length {n}")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         header.pop("__metadata__", None)
+        for name, info in header.items():
+            _check_entry(name, info, size - 8 - n)
         return header, 8 + n
-    except (ValueError, OSError, UnicodeDecodeError) as e:
+    except (ValueError, OSError, UnicodeDecodeError, RecursionError) as e:
         raise QosoraError(f"{path} is not a valid safetensors file ({e}): re-download or re-save it") from None
+
+
+def _check_entry(name: str, info, data_bytes: int) -> None:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ValueError(f"tensor {name!r}: entry without dtype, shape and data_offsets")
+    offsets, shape = info["data_offsets"], info["shape"]
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        raise ValueError(f"tensor {name!r}: data_offsets {offsets} outside the file")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r}: shape {shape} is not a list of sizes")
+    if info["dtype"] in _DTYPES:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * _DTYPES[info["dtype"]].itemsize != offsets[1] - offsets[0]:
+            raise ValueError(f"tensor {name!r}: shape {shape} does not match its {offsets[1] - offsets[0]} bytes")
 
 
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class CheckpointReader:
+class ShardReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint in `directory/prefix*`.
 
     Tensors are read with plain positioned reads, not a memory map: a mapped 15 GB checkpoint would count its
-    touched pages in the process's resident memory until unmapped, and streaming is the point here.
+    touched pages in the process's resident memory until unmapped, and streaming is the point here. Shard names
+    in an index must be plain file names inside `directory` (no `..`, no absolute paths).
     """
 
     def __init__(self, directory: str | Path, prefix: str = "model"):
@@ -65,8 +85,13 @@ class CheckpointReader:
         if index.is_file():
             try:
                 files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as e:
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError, UnicodeDecodeError,
+                    RecursionError) as e:
                 raise QosoraError(f"{index} is corrupt ({e}): re-download or re-save the model") from None
+            for f in files:
+                if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                    raise QosoraError(f"{index} names shard {f!r} outside {self.directory}: refusing to read it; "
+                                      "shard names must be plain file names in the model directory")
             paths = [self.directory / f for f in files]
         elif single.is_file():
             paths = [single]

@@ -1,0 +1,24 @@
+"""Which float precision a device computes in natively, and the autocast context that uses it.
+
+bf16 autocast pays only where the hardware has bf16 arithmetic: CUDA sm80+, and CPUs with AVX512-BF16 or AMX.
+On an AVX2-only CPU a bf16 matmul of SmolLM2's MLP shape took 43.9 ms against 8.1 ms in fp32 (5.4x slower), so
+there the compute runs in fp32 while the factors are still stored and saved in bf16.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, p, lambda: False)() for p in probes)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
