@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # the table below is read by the CLI's --help, which must not import torch
+    import torch
 
-from qosora.decompose import Principal
+    from qosora.decompose import Principal
 
-Factors = dict[str, torch.Tensor]
+Factors = dict[str, "torch.Tensor"]
 
 
 def _init_sorsa(p: Principal, d_out: int, d_in: int, rank: int, g: torch.Generator) -> Factors:
@@ -31,6 +32,8 @@ def _init_sorsa(p: Principal, d_out: int, d_in: int, rank: int, g: torch.Generat
 
 
 def _init_osora(p: Principal, d_out: int, d_in: int, rank: int, g: torch.Generator) -> Factors:
+    import torch
+
     return {"U": p.U, "S": p.S, "Vh": p.Vh, "O": torch.ones(d_out, dtype=p.S.dtype)}
 
 
@@ -41,6 +44,8 @@ def _init_pissa(p: Principal, d_out: int, d_in: int, rank: int, g: torch.Generat
 
 def _init_qlora(p: Principal | None, d_out: int, d_in: int, rank: int, g: torch.Generator) -> Factors:
     # LoRA's default: A ~ kaiming_uniform(a=sqrt(5)) i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0.
+    import torch
+
     bound = 1.0 / math.sqrt(d_in)
     A = (torch.rand(rank, d_in, generator=g) * 2 - 1) * bound
     return {"A": A, "B": torch.zeros(d_out, rank)}
@@ -106,6 +111,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 
 def orthonormality(U: torch.Tensor, Vh: torch.Tensor) -> torch.Tensor:
     """SORSA's regularizer for one layer: ||U^T U - I||_F + ||Vh Vh^T - I||_F (Frobenius norms, not squared)."""
+    import torch
+
     eye = torch.eye(U.shape[1], device=U.device, dtype=torch.float32)
     U, Vh = U.float(), Vh.float()
     return torch.linalg.matrix_norm(U.mT @ U - eye) + torch.linalg.matrix_norm(Vh @ Vh.mT - eye)

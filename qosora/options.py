@@ -121,7 +121,7 @@ def add_arguments(parser, cls, only: typing.Iterable[str] | None = None, default
             if allowed is not None:
                 kw.update(choices=allowed, type=type(allowed[0]))
             elif base in (int, float, str):
-                kw["type"] = base
+                kw.update(type=base, metavar=f.name.upper())
             if default is not None and not required:
                 kw["help"] = f"{text} (default: {default})" if text else f"default: {default}"
         parser.add_argument(flag_of(f), **kw)

@@ -1,9 +1,10 @@
-"""Helpers shared by the verbs: example-bearing help, JSON output."""
+"""Helpers shared by the verbs: example-bearing help, strict JSON output."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -16,6 +17,17 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
     return p
 
 
+def _finite(obj):
+    """NaN / inf -> null: `--json` output must parse as strict JSON (RFC 8259 has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, default=str)
+    json.dump(_finite(obj), sys.stdout, indent=2, default=str, allow_nan=False)
     sys.stdout.write("\n")

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 from qosora.commands._common import add_verb, print_json
+from qosora.config import PrepareConfig
+from qosora.options import add_arguments, from_args
+from qosora.train.config import TrainConfig
+
+MARKER = ".qosora-demo"  # marks a directory as the demo's own: the next `qosora demo` may replace it
 
 
 def add_parser(sub) -> None:
@@ -14,49 +20,61 @@ def add_parser(sub) -> None:
         "Prepare -> train -> export int4 ONNX -> generate, on SmolLM2-135M and the bundled arithmetic data (CPU: minutes).",
         "qosora demo --out demo-run/", run,
     )
-    p.add_argument("--out", default="qosora-demo", help="directory for the prepared/trained model and the ONNX export")
-    p.add_argument("--method", default="sorsa", choices=["sorsa", "osora", "pissa", "qlora"])
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--out", default="qosora-demo",
+                   help="directory for the prepared/trained model and the ONNX export; an earlier demo's output "
+                        "there is replaced (default: qosora-demo)")
+    add_arguments(p, PrepareConfig, only=["method", "rank"], defaults={"rank": 16})
+    add_arguments(p, TrainConfig, only=["steps"], defaults={"steps": 60})
     p.add_argument("--prompt", default="What is 12 plus 30?\n")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an earlier demo's")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object (status lines to stderr)")
+
+
+def _claim(out: Path, overwrite: bool) -> None:
+    """Make `out` an empty directory of the demo's: an earlier (even interrupted) demo's is replaced."""
+    import shutil
+
+    from qosora.files import check_output_path
+
+    ours = (out / MARKER).is_file()
+    check_output_path(out, overwrite=overwrite or ours)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("written by `qosora demo`; the next `qosora demo --out` here replaces this directory\n")
 
 
 def run(args) -> int:
-    import shutil
     from importlib.resources import files
 
-    from qosora.config import PrepareConfig
     from qosora.errors import QosoraError
     from qosora.export.api import export_onnx
     from qosora.fixtures import smollm2_dir
     from qosora.run.generate import generate
-    from qosora.train.loop import TrainConfig, finetune
+    from qosora.train.loop import finetune
 
+    say = (lambda m: print(m, file=sys.stderr)) if args.json else print  # noqa: E731
+    prepare_config = from_args(PrepareConfig, args).validate()
+    if not args.prompt.strip():
+        raise QosoraError("--prompt is empty: pass the text to complete")
+    data = str(files("qosora.data") / "demo.jsonl")
+    train_config = TrainConfig(data=data, out=str(Path(args.out) / "run"), steps=getattr(args, "TrainConfig.steps"),
+                               batch_size=4, seq_len=64, eval_fraction=0.1).validate()
+    model = smollm2_dir()
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise QosoraError(f"{out} already exists: pass --overwrite or another --out")
-        shutil.rmtree(out)
+    _claim(out, args.overwrite)
     timings = {}
     t = time.perf_counter()
-    model = smollm2_dir()
-    data = str(files("qosora.data") / "demo.jsonl")
-    print(f"[1/3] prepare {args.method} r={args.rank} on {model} and train {args.steps} steps on {data}")
-    result = finetune(
-        model,
-        TrainConfig(data=data, out=str(out / "run"), steps=args.steps, batch_size=4, seq_len=64, eval_fraction=0.1),
-        PrepareConfig(method=args.method, rank=args.rank),
-        progress=not args.json,
-    )
+    say(f"[1/3] prepare {prepare_config.method} r={prepare_config.rank} on {model} and train {train_config.steps} "
+        f"steps on {data}")
+    result = finetune(model, train_config, prepare_config, progress=not args.json)
     timings["prepare_and_train_s"] = time.perf_counter() - t
-    print(f"      eval loss {result.initial_eval_loss:.3f} -> {result.final_eval_loss:.3f}")
+    say(f"      eval loss {result.initial_eval_loss:.3f} -> {result.final_eval_loss:.3f}")
     t = time.perf_counter()
-    print("[2/3] export int4 ONNX (merge into the dequantized residual, requantize once, parity check)")
+    say("[2/3] export int4 ONNX (merge into the dequantized residual, requantize once, parity check)")
     report = export_onnx(out / "run", out / "onnx", "int4", progress=not args.json)
     timings["export_s"] = time.perf_counter() - t
-    print("[3/3] generate with onnxruntime (no torch on this path)")
+    say("[3/3] generate with onnxruntime (no torch on this path)")
     gen = generate(out / "onnx", args.prompt, max_new_tokens=24)
     summary = {
         "out": str(out), "initial_eval_loss": result.initial_eval_loss, "final_eval_loss": result.final_eval_loss,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from qosora.commands._common import add_verb, print_json
-from qosora.config import ALL_TARGETS, METHODS
+from qosora.config import ALL_TARGETS, PrepareConfig, QuantConfig, SVDConfig
+from qosora.options import add_arguments, from_args
 
 
 def add_parser(sub) -> None:
@@ -13,35 +14,23 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default="sorsa", choices=METHODS)
-    p.add_argument("--rank", type=int, default=64)
+    add_arguments(p, PrepareConfig)
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list: q,k,v,o,gate,up,down (default: all)")
-    p.add_argument("--refine-rounds", type=int, default=1, help="QPiSSA-style residual refinement rounds (1 = none)")
-    p.add_argument("--svd", choices=["randomized", "exact"], default="randomized")
-    p.add_argument("--svd-niter", type=int, default=4)
-    p.add_argument("--svd-oversample", type=int, default=8)
+    add_arguments(p.add_argument_group("NF4 residual"), QuantConfig)
     p.add_argument("--no-quant", action="store_true", help="keep the residual dense (ablation / tests)")
-    p.add_argument("--nf4-scale", choices=["search", "absmax"], default="search",
-                   help="NF4 block scales: error-minimising (default) or bitsandbytes' absmax; same format either way")
-    p.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    p.add_argument("--adapter-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    add_arguments(p.add_argument_group("SVD"), SVDConfig)
     p.add_argument("--device", default=None, help="where the SVD runs (default: cuda if present, else cpu)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def run(args) -> int:
-    from qosora.config import PrepareConfig, QuantConfig, SVDConfig
     from qosora.preparation import prepare
 
-    config = PrepareConfig(
-        method=args.method, rank=args.rank, targets=PrepareConfig.normalize_targets(args.targets),
-        adapter_dtype=args.adapter_dtype,
-        quant=QuantConfig(quant_type="none" if args.no_quant else "nf4", compute_dtype=args.compute_dtype,
-                          scale=args.nf4_scale),
-        svd=SVDConfig(solver=args.svd, oversample=args.svd_oversample, niter=args.svd_niter,
-                      refine_rounds=args.refine_rounds, seed=args.seed),
+    config = from_args(
+        PrepareConfig, args, targets=PrepareConfig.normalize_targets(args.targets),
+        quant=from_args(QuantConfig, args, quant_type="none" if args.no_quant else "nf4"),
+        svd=from_args(SVDConfig, args),
     )
     report = prepare(args.model_dir, args.out, config, device=args.device, overwrite=args.overwrite,
                      progress=not args.json)

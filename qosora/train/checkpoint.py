@@ -26,7 +26,7 @@ from qosora.files import atomic_directory
 CHECKPOINTS = "checkpoints"
 
 
-def _step_dirs(out: Path) -> list[Path]:
+def step_dirs(out: Path) -> list[Path]:
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
@@ -35,7 +35,7 @@ def _step_dirs(out: Path) -> list[Path]:
 
 
 def latest(out: Path) -> Path | None:
-    dirs = _step_dirs(out)
+    dirs = step_dirs(out)
     return dirs[-1] if dirs else None
 
 
@@ -74,7 +74,7 @@ def save(out: Path, step: int, named_params: dict[str, torch.nn.Parameter], opti
                 rng[f"torch_cuda_{i}"] = s
         save_file(rng, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, **extra_state}, indent=1))
-    for old in _step_dirs(out)[:-keep] if keep > 0 else []:
+    for old in step_dirs(out)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
 

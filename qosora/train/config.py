@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from typing import Literal, get_args
 
 from qosora.errors import QosoraError
 from qosora.options import check, option
-from qosora.train.optim import Optim
+
+Optim = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+OPTIMS: tuple[str, ...] = get_args(Optim)
 
 TRAIN_CONFIG = "train_config.json"
 
@@ -23,7 +24,7 @@ class TrainConfig:
     eval_fraction: float = option(0.0, "hold out this fraction of --data instead", min=0.0, max=0.5)
     steps: int | None = option(None, "optimizer steps (default: one epoch)", min=1)
     epochs: float | None = option(None, "epochs instead of --steps", gt=0.0)
-    lr: float | None = option(None, "peak learning rate (default: the method's, see `qosora train --help`)", gt=0.0)
+    lr: float | None = option(None, "peak learning rate (default: the method's, listed at the end of --help)", gt=0.0)
     warmup_steps: int | None = option(None, "linear warmup steps, then cosine (default: 3%% of the steps)", min=0)
     min_lr_ratio: float = option(0.0, "cosine floor as a fraction of --lr", min=0.0, max=1.0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
@@ -75,15 +76,3 @@ class TrainResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_resume_config(out: Path, config: TrainConfig) -> None:
-    saved_path = out / TRAIN_CONFIG
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text())
-    ignore = {"save_every", "keep_checkpoints", "log_every", "eval_every", "eval_batches"}
-    changed = [k for k, v in asdict(config).items() if k not in ignore and saved.get(k) != v]
-    if changed:
-        raise QosoraError(f"--resume with different options than the run in {out} ({', '.join(changed)}): "
-                          "use the original options or another --out")

@@ -7,7 +7,7 @@
     qosora.save_trained(model, "prepared/", "run/")               # prepared-format output (merge, export)
 
 `SORSARegularizer` hooks `on_pre_optimizer_step`, which Trainer calls after it clipped the gradients and before
-`optimizer.step()`: exactly where SORSA adds gamma / lr0 * grad(L_reg) (DESIGN.md §2). lr0 is
+`optimizer.step()`: exactly where SORSA adds gamma / lr0 * grad(L_reg) (qosora.train.regularizer). lr0 is
 `args.learning_rate`. The value is logged as `orthonormality`. Trainer computes its loss from full logits; use
 `qosora train` for the chunked cross-entropy.
 """
@@ -21,12 +21,12 @@ from transformers import TrainerCallback
 
 from qosora.loading import load
 from qosora.layer import adapter_layers
+from qosora.train.params import trainable_parameters
 from qosora.train.regularizer import add_regularizer_grad
 
 
 def trainable_model(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load a prepared directory with everything frozen except the method's factors (fp32, AdamW's master copy)."""
-    from qosora.train.loop import trainable_parameters
 
     model = load(directory, dtype=dtype, device=device)
     trainable_parameters(model, autocast=dtype in (torch.bfloat16, torch.float16))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-METRICS = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
 

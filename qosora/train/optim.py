@@ -6,14 +6,12 @@ parameter instead of 8)."""
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
 
 import torch
 
 from qosora.errors import QosoraError
 
-Optim = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
-OPTIMS: tuple[str, ...] = get_args(Optim)
+from qosora.train.config import OPTIMS
 
 
 def effective_optim(name: str, device: torch.device) -> str:
