@@ -13,11 +13,14 @@ import torch
 
 
 def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 matmuls run natively: CUDA sm80+; a CPU with AVX512-BF16 or AMX whose kernels PyTorch uses
+    (ATEN_CPU_CAPABILITY=avx2 pins them to AVX2, which then counts as no bf16)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, p, lambda: False)() for p in probes)
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" in capability and any(getattr(cpu, p, lambda: False)() for p in probes)
 
 
 def autocast_context(device: torch.device, enabled: bool):

@@ -70,10 +70,10 @@ def test_unknown_method_is_an_argparse_error(src, tmp_path, capsys):
 
 
 def test_unsupported_architecture(tmp_path, capsys):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0)
-                    ).save_pretrained(tmp_path / "gpt2")
+    # A config.json alone: the architecture is refused before any weight is read.
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
     rc, _, err = run_cli(["prepare", str(tmp_path / "gpt2"), "--out", str(tmp_path / "o")], capsys)
     assert_clean_failure(rc, err, tmp_path / "o", "unsupported architecture 'gpt2'", "llama")
 
@@ -100,6 +100,8 @@ def test_prepare_json_inspect_and_merge(src, tmp_path, capsys):
                 "mean_rel_error_plain_nf4", "seconds"):
         assert key in report
     assert report["method"] == "pissa" and report["layers"] == 14
+    # PiSSA trains r (d_in + d_out) per linear: 2 layers x 4 x (q, o 64+64; k, v 64+32; gate, up, down 64+96).
+    assert report["trainable_params"] == 2 * 4 * (2 * 128 + 2 * 96 + 3 * 160) == 7424
     assert report["mean_rel_error"] < report["mean_rel_error_plain_nf4"]
 
     rc, out, _ = run_cli(["inspect", str(tmp_path / "p"), "--json", "--plot", str(tmp_path / "s.png")], capsys)
@@ -111,7 +113,8 @@ def test_prepare_json_inspect_and_merge(src, tmp_path, capsys):
     assert "down_proj" in out and "reduction" in out
 
     rc, out, _ = run_cli(["merge", str(tmp_path / "p"), "--out", str(tmp_path / "m"), "--json"], capsys)
-    assert rc == 0 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert rc == 0 and json.loads(out) == {"out_dir": str(tmp_path / "m"), "dtype": "float32"}
+    assert (tmp_path / "m" / "model.safetensors").is_file()
 
 
 def test_help_shows_an_example():

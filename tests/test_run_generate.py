@@ -9,15 +9,14 @@ import sys
 import numpy as np
 import torch
 
-from export_helpers import tiny_model
 from qosora.export import ExportOptions, export_onnx
-from test_export_api import write_tiny_tokenizer
+
+from conftest import build_tiny_model, write_tiny_tokenizer
 
 
 def _export(tmp_path, arch="qwen2"):
-    model = tiny_model(arch)
     src = tmp_path / "hf"
-    model.save_pretrained(src)
+    model = build_tiny_model(src, arch, weight_std=0.15)  # far from uniform logits: greedy ties cannot hide a bug
     write_tiny_tokenizer(src)
     out = tmp_path / "onnx"
     export_onnx(src, out, options=ExportOptions(format="fp32"), check=False)
@@ -27,15 +26,21 @@ def _export(tmp_path, arch="qwen2"):
 def test_generate_imports_no_torch_and_matches_torch_greedy(tmp_path):
     model, out = _export(tmp_path)
     code = (
-        "import sys, json\n"
-        "from qosora.run import generate\n"
-        f"r = generate({str(out)!r}, 'w3 w17 w42 w9', max_new_tokens=12, threads=1)\n"
-        "print(json.dumps({'torch': 'torch' in sys.modules, 'ids': r.new_tokens, 'tps': r.decode_tokens_per_s}))\n"
+        "import sys, json, time\n"
+        "from qosora.run import OnnxCausalLM, generate\n"
+        f"lm = OnnxCausalLM({str(out)!r}, threads=1)\n"
+        "t0 = time.perf_counter()\n"
+        f"r = generate({str(out)!r}, 'w3 w17 w42 w9', max_new_tokens=12, model=lm)\n"
+        "wall = time.perf_counter() - t0\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'ids': r.new_tokens, 'prompt': r.prompt_tokens,\n"
+        "                  'tps': r.decode_tokens_per_s, 'prefill_ms': r.prefill_ms, 'wall': wall}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["torch"] is False
-    assert result["tps"] > 0
+    assert result["prompt"] == 4 and len(result["ids"]) == 12
+    # 12 tokens = prefill + 11 decode steps; the timed steps fit inside the wall time of the call.
+    assert result["prefill_ms"] / 1e3 + 11 / result["tps"] <= result["wall"]
     with torch.no_grad():  # PyTorch greedy, no EOS in the tiny config's way: 12 tokens
         ref = model.generate(torch.tensor([[3, 17, 42, 9]]), max_new_tokens=12, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, 4:].tolist()

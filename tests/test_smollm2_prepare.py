@@ -18,14 +18,7 @@ TEXT = (Path(__file__).parent / "data" / "sample.txt").read_text()
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from qosora.fixtures import smollm2_dir
-
-    return smollm2_dir()
-
-
-@pytest.fixture(scope="module")
-def prepared(smollm2, tmp_path_factory):
+def prepared(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2")
     reports = {}
     for name, cfg in {
@@ -33,7 +26,7 @@ def prepared(smollm2, tmp_path_factory):
         "sorsa-refined": PrepareConfig(method="sorsa", rank=64, svd=SVDConfig(refine_rounds=5)),
         "qlora": PrepareConfig(method="qlora", rank=64, quant=QuantConfig(scale="absmax")),  # bitsandbytes' NF4(W)
     }.items():
-        reports[name] = qosora.prepare(smollm2, root / name, cfg, progress=False)
+        reports[name] = qosora.prepare(smollm2_dir, root / name, cfg, progress=False)
     return root, reports
 
 
@@ -50,14 +43,14 @@ def test_residual_quantization_beats_plain_nf4_on_real_weights(prepared):
     assert abs(plain.mean_rel_error - plain.mean_rel_error_plain_nf4) < 1e-9  # QLoRA's residual is NF4(W) itself
 
 
-def test_kl_from_fp32_is_lower_than_plain_nf4(smollm2, prepared):
+def test_kl_from_fp32_is_lower_than_plain_nf4(smollm2_dir, prepared):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _ = prepared
     torch.set_num_threads(2)
-    ids = AutoTokenizer.from_pretrained(smollm2)(TEXT, return_tensors="pt").input_ids[:, :384]
+    ids = AutoTokenizer.from_pretrained(smollm2_dir)(TEXT, return_tensors="pt").input_ids[:, :384]
     with torch.no_grad():
-        ref = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)(ids).logits.float().log_softmax(-1)
+        ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)(ids).logits.float().log_softmax(-1)
 
         def kl(name):
             logp = qosora.load(root / name)(ids).logits.float().log_softmax(-1)

@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from qosora.errors import QosoraError
 from qosora.train.data import IGNORE, BatchOrder, collate, encode, load_examples, pack, read_jsonl, split_holdout
 
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-=*#?:.,\n|_<>/'\""
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def char_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
-    """A character-level tokenizer built offline (no hub): ids 0-3 special, one id per character."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for c in CHARS + CHARS.upper():
-        vocab.setdefault(c, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", additional_special_tokens=specials[4:])
-    if chat_template:
-        fast.chat_template = chat_template
-    return fast
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
+from conftest import char_tokenizer, write_jsonl
 
 
 def trained_text(tok, ex) -> str:

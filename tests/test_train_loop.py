@@ -4,57 +4,16 @@ regularizer holds orthonormality, OSoRA/PiSSA train without it, the output is a 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from qosora.config import PrepareConfig, QuantConfig
 from qosora.train.loop import TrainConfig, finetune
-from test_train_data import char_tokenizer, write_jsonl
 
+from conftest import TRAIN_MODEL, build_tiny_model, char_tokenizer, make_prepared, reversal_data
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on 2 shared cores extra OpenMP threads only wait for each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """A 2-layer GQA Llama with random weights and the char tokenizer, saved as a HF directory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(cfg).save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
-    return directory
-
-
-def make_prepared(tmp: Path, method: str, rank: int = 8, quant: str = "nf4") -> Path:
-    from qosora.preparation import prepare
-
-    src = tmp / "hf"
-    if not (src / "config.json").is_file():
-        make_tiny_model(src)
-    out = tmp / f"prep-{method}-{quant}"
-    prepare(src, out, PrepareConfig(method=method, rank=rank, quant=QuantConfig(quant_type=quant)), progress=False)
-    return out
-
-
-def reversal_data(path: Path, n: int = 64, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        word = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 6)))
-        rows.append({"prompt": f"{word}|", "completion": word[::-1]})
-    return write_jsonl(path, rows)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp: Path, prepared: Path, name: str, **kw):
@@ -66,6 +25,7 @@ def run(tmp: Path, prepared: Path, name: str, **kw):
 
 @pytest.mark.parametrize("method", ["sorsa", "osora", "pissa"])
 def test_loss_goes_down_and_output_is_a_trained_directory(tmp_path, method):
+    from qosora.layer import adapter_layers
     from qosora.loading import load
     from qosora.prepared import PreparedReader
 
@@ -80,7 +40,8 @@ def test_loss_goes_down_and_output_is_a_trained_directory(tmp_path, method):
     assert {"lr", "tokens_per_s", "grad_norm"} <= set(train[0])
     assert ("orthonormality" in train[0]) == (method == "sorsa")
     assert sum(r["loss"] for r in train[-5:]) < sum(r["loss"] for r in train[:5])
-    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000  # a real image, not an empty file
     # OUT is a prepared-format directory holding the trained factors; the frozen files are unchanged.
     out = PreparedReader(tmp_path / "run")
     before = PreparedReader(prepared)
@@ -91,7 +52,10 @@ def test_loss_goes_down_and_output_is_a_trained_directory(tmp_path, method):
     for f in out.spec.factors:
         changed = not torch.equal(out.factors(m)[f], before.factors(m)[f])
         assert changed == (f in trainable), f
-    load(tmp_path / "run")  # loads as a model
+    # It loads as a model that holds exactly those trained factors.
+    loaded = adapter_layers(load(tmp_path / "run"))
+    for f, t in out.factors(m).items():
+        assert torch.equal(loaded[m].factors()[f].float(), t.float()), f
 
 
 @pytest.mark.parametrize("method", ["sorsa", "osora", "pissa", "qlora"])
@@ -99,7 +63,7 @@ def test_gradients_reach_exactly_the_declared_parameters(tmp_path, method):
     from qosora.loading import load
     from qosora.layer import adapter_layers
     from qosora.train.data import collate, encode
-    from qosora.train.loop import trainable_parameters
+    from qosora.train.params import trainable_parameters
     from qosora.train.loss import causal_lm_loss
 
     model = load(make_prepared(tmp_path, method))
@@ -114,8 +78,11 @@ def test_gradients_reach_exactly_the_declared_parameters(tmp_path, method):
     for name, p in model.named_parameters():
         if id(p) in declared:
             assert p.grad is not None, name
-            # QLoRA starts at B = 0, so A's first gradient is exactly zero.
-            assert p.grad.abs().sum() > 0 or (method == "qlora" and name.endswith(".A")), name
+            # QLoRA starts at B = 0, so A's first gradient is exactly zero (dL/dA = B^T dL/dy x^T).
+            if method == "qlora" and name.endswith(".A"):
+                assert torch.count_nonzero(p.grad) == 0, name
+            else:
+                assert p.grad.abs().sum() > 0, name
             assert p.dtype == torch.float32  # fp32 master weights while training
         else:
             assert not p.requires_grad and p.grad is None, name
@@ -134,7 +101,7 @@ def test_sorsa_regularizer_keeps_orthonormality(tmp_path):
 def test_train_cli_prepares_on_the_fly_and_refuses_to_clobber(tmp_path, capsys):
     from qosora.cli import main
 
-    make_tiny_model(tmp_path / "hf")
+    build_tiny_model(tmp_path / "hf", tokenizer=char_tokenizer(), **TRAIN_MODEL)
     data = reversal_data(tmp_path / "d.jsonl", n=16)
     args = ["train", str(tmp_path / "hf"), "--method", "pissa", "--rank", "4", "--data", str(data),
             "--out", str(tmp_path / "run"), "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--json"]
@@ -181,7 +148,7 @@ def test_regularizer_closed_form_gradient_matches_autograd(shape):
         Vh @ Vh.mT - torch.eye(r, dtype=torch.float64))
     rU, rVh = torch.autograd.grad(ref, [U, Vh])
     value, gU, gVh = orthonormality_grads(U.detach().float(), Vh.detach().float())
-    assert value == pytest.approx(float(ref), rel=1e-5)
+    assert value == pytest.approx(float(ref.detach()), rel=1e-5)
     assert value == pytest.approx(float(orthonormality(U.detach(), Vh.detach())), rel=1e-5)
     torch.testing.assert_close(gU.double(), rU, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gVh.double(), rVh, rtol=1e-4, atol=1e-5)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
 
-from qosora.planning import GiB, ModelDims, plan
-from test_train_data import write_jsonl
-from test_train_loop import make_prepared, one_thread, reversal_data  # noqa: F401  (fixture)
+from qosora.planning import GiB, ModelDims, plan, read_model
+
+from conftest import char_tokenizer, make_prepared, reversal_data, reversal_rows, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_llama2_7b_sorsa_r128_fits_8gb_and_llama3_8b_fits_10gb_thanks_to_chunked_loss():
@@ -26,12 +30,18 @@ def test_llama2_7b_sorsa_r128_fits_8gb_and_llama3_8b_fits_10gb_thanks_to_chunked
     assert adamw.components["optimizer_states"] > 3.5 * l2.components["optimizer_states"]
     no_ckpt = plan("llama-2-7b", **{**kw, "gradient_checkpointing": False})
     assert no_ckpt.components["activations"] > 10 * l2.components["activations"]
-    assert plan("qwen2.5-7b", **kw).total_bytes > 0
+    # Qwen2.5-7B (h 3584, i 18944, 28 layers, 4 kv heads of 128): r (d_in + d_out) + r per linear, by hand.
+    qwen = plan("qwen2.5-7b", **kw)
+    per_layer = 128 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944)) + 7 * 128
+    assert qwen.trainable_params == 28 * per_layer == 322_986_496
+    # Its q/k/v biases (3584 + 2 * 512 per layer) are held in bf16 beside the base.
+    no_bias = plan(dataclasses.replace(read_model("qwen2.5-7b"), attention_bias=False), **kw)
+    assert qwen.components["base_16bit"] - no_bias.components["base_16bit"] == 2 * 28 * (3584 + 2 * 512)
 
 
 def test_plan_counts_the_trainable_parameters_of_a_real_prepared_model(tmp_path):
     from qosora.loading import load
-    from qosora.train.loop import trainable_parameters
+    from qosora.train.params import trainable_parameters
 
     for method in ("sorsa", "osora", "pissa"):
         prepared = make_prepared(tmp_path, method)
@@ -55,19 +65,51 @@ def test_plan_cli_json_and_fit(capsys):
     assert "llama-2-7b" in capsys.readouterr().err
 
 
+def greedy_text(model, tok, prompt: str, max_new_tokens: int) -> str:
+    """Greedy decoding by recomputing the whole prefix each step (no cache, no `generate`), stopping at </s>."""
+    ids = tok(prompt).input_ids
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    return tok.decode(new, skip_special_tokens=True)
+
+
 def test_eval_loss_ppl_and_exact_match(tmp_path, capsys):
     from qosora.cli import main
-    from qosora.evaluation import evaluate
+    from qosora.evaluation import evaluate, extract_answer
+    from qosora.loading import load
+    from qosora.train.data import gsm8k_prompt
 
     prepared = make_prepared(tmp_path, "pissa")
     data = reversal_data(tmp_path / "d.jsonl", n=12)
     loss = evaluate(prepared, data, "loss", progress=False)
     ppl = evaluate(prepared, data, "ppl", progress=False)
-    assert loss.examples == 12 and loss.tokens > 0 and 0 < loss.value < 10
+    # Reference: a float64 log-softmax over the fp32 model's logits, one example at a time; every completion
+    # character and its </s> are labelled (char tokenizer, no BOS).
+    tok, model = char_tokenizer(), load(prepared, dtype=torch.float32).eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for row in reversal_rows(12):
+            prompt, completion = tok(row["prompt"]).input_ids, tok(row["completion"]).input_ids + [tok.eos_token_id]
+            logp = model(torch.tensor([prompt + completion])).logits[0].double().log_softmax(-1)
+            nll -= sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(completion))
+            tokens += len(completion)
+    assert loss.examples == 12 and loss.tokens == tokens == sum(len(r["completion"]) + 1 for r in reversal_rows(12))
+    assert loss.value == pytest.approx(nll / tokens, rel=2e-3)  # bf16 autocast where the device has it
     assert ppl.value == pytest.approx(math.exp(loss.value))
-    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "1+1?", "answer": "#### 2"}] * 3)
+    # Exact match with a known answer: two references are what greedy decoding (an argmax loop here) produces,
+    # one (five digits in four tokens) cannot be.
+    questions = ["0+0?", "0+1?", "1+1?"]  # equal lengths: no padding in the batch
+    said = [extract_answer(greedy_text(model, tok, gsm8k_prompt(q), 4)) for q in questions]
+    assert None not in said[:2], said
+    answers = [f"#### {said[0]}", f"#### {said[1]}", "#### 12345"]
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": q, "answer": a} for q, a in zip(questions, answers)])
     em = evaluate(prepared, qa, "exact-match", max_new_tokens=4, progress=False)
-    assert em.examples == 3 and 0.0 <= em.value <= 1.0
+    assert em.examples == 3 and em.value == pytest.approx(2 / 3)
     assert main(["eval", str(prepared), "--data", str(data), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(loss.value)
     assert main(["eval", str(tmp_path / "nothing"), "--data", str(data)]) == 2

@@ -17,7 +17,10 @@ from safetensors.torch import load_file
 
 from qosora.errors import QosoraError
 from qosora.train.loop import TrainConfig, finetune
-from test_train_loop import make_prepared, one_thread, reversal_data  # noqa: F401  (fixture)
+
+from conftest import make_prepared, reversal_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(tmp: Path, name: str, **kw) -> TrainConfig:

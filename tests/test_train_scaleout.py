@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_loop import make_prepared, one_thread, reversal_data  # noqa: F401  (fixture)
+from conftest import char_tokenizer, make_prepared, reversal_data
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _metrics(path):
@@ -71,7 +73,6 @@ def test_hf_trainer_with_sorsa_callback(tmp_path):
     from qosora.train.data import collate, load_examples
     from qosora.train.hf import SORSARegularizer, trainable_model
     from qosora.train.regularizer import orthonormality
-    from test_train_data import char_tokenizer
 
     prepared = make_prepared(tmp_path, "sorsa")
     examples = load_examples(reversal_data(tmp_path / "d.jsonl"), char_tokenizer(), 32)
@@ -92,6 +93,8 @@ def test_hf_trainer_with_sorsa_callback(tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=collator,
                           callbacks=[callback])
         out = trainer.train()
-        assert any("orthonormality" in h for h in trainer.state.log_history)
+        # Logged beside the loss every logging_steps=5 of the 25 (and in the end-of-training summary).
+        logged = [h["step"] for h in trainer.state.log_history if "loss" in h and "orthonormality" in h]
+        assert logged == [5, 10, 15, 20, 25], trainer.state.log_history
         results[gamma] = (orthonormality(adapter_layers(model)), out.training_loss)
     assert results[1e-3][0] < results[0.0][0] / 5, results

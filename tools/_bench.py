@@ -38,8 +38,21 @@ def median(xs):
     return statistics.median(xs)
 
 
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "f16c", "fma")
+
+
+def cpu_flags() -> list[str]:
+    """The instruction-set flags that decide onnxruntime's int4 and PyTorch's bf16 speed (from /proc/cpuinfo)."""
+    try:
+        line = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return sorted(set(line.split(":", 1)[1].split()) & set(_FLAGS))
+
+
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_flags": cpu_flags()}
 
 
 def write_json(path: str | Path, obj: dict) -> None:
