@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from qosora.errors import QosoraError
-from qosora.export.formats import ExportOptions, Format
 from qosora.export.genai import genai_config, tensorrt_shape_profile
-from qosora.export.graph import build_decoder_graph
+from qosora.export.graph import DATA_FILE, build_decoder_graph
+from qosora.export.options import ExportOptions, Format
 from qosora.export.source import WeightSource, open_source
 
 REPORT_NAME = "export_report.json"
@@ -72,7 +72,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
                 "domains": built.domains,
                 "op_counts": built.op_counts,
                 "initializer_bytes": built.bytes_by_kind,
-                "onnx_bytes": built.model_path.stat().st_size + (tmp / "model.onnx.data").stat().st_size,
+                "onnx_bytes": built.model_path.stat().st_size + (tmp / DATA_FILE).stat().st_size,
                 "dtype": opts.dtype,
             },
             "requantization": {
@@ -93,7 +93,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
             report["parity"] = parity_check(tmp, model, ids, new_tokens=check_new_tokens)
             report["timing_s"]["check"] = round(time.perf_counter() - t1, 3)
         report["timing_s"]["total"] = round(time.perf_counter() - t0, 3)
-        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     report["out_dir"] = str(Path(out_dir))
     return report

@@ -1,4 +1,4 @@
-"""Export formats: how one linear layer (and the embedding / lm_head) becomes ONNX nodes.
+"""Export formats: how one linear layer (and the embedding / lm_head) becomes ONNX nodes, one registered emitter each.
 
 | format   | adapted linear y = x W^T (+ b)                                       | domain        |
 |----------|----------------------------------------------------------------------|---------------|
@@ -11,255 +11,211 @@
 
 W_merged = deq(NF4(W_res)) + B A is requantized once, here, and the error ||W_merged - deq(q(.))||_F / ||W_merged||_F
 of every linear is recorded for the export report.
+
+A format is one linear emitter registered under its name (`@register_format("name", ...)`), plus, where it differs
+from the dense default, its fused projections, embedding and lm_head. The names are `options.Format`'s values.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-from onnx import TensorProto
 
-from qosora.export.quantizers import (INT4_SCHEMES, Int4Blocks, Int4Scheme, concat_rows, dequantize_int4,
-                                      int4_relative_error, pack_low_first, quantize_int4, relative_error,
-                                      split_float_zero_points)
-from qosora.export.source import WeightSource
-from qosora.export.writer import MS_DOMAIN, GraphWriter
-from qosora.errors import QosoraError
+from qosora.export.int4 import Int4Blocks, concat_rows, dequantize_int4, int4_relative_error
+from qosora.export.linear import EmitFused, EmitLinear, Int4Table, LinearEmitter
+from qosora.export.options import FORMATS
+from qosora.export.spec import DecoderSpec
+from qosora.export.writer import MS_DOMAIN
 
-Format = Literal["int4", "nf4", "fp16", "fp32", "trt-int4"]
-FORMATS: tuple[str, ...] = ("int4", "nf4", "fp16", "fp32", "trt-int4")
-_NF4 = 1  # MatMulBnb4 quant_type
+EMBED, HEAD = "model.embed_tokens", "lm_head"
+_BNB4_NF4 = 1  # MatMulBnb4 quant_type (0 is FP4)
+
+Int4MatMul = Callable[[str, str, Int4Blocks], str]  # (x, name, q) -> x W^T
+# (linear, spec) -> hidden [B, S, E], and the int4 table a tied head may reuse (None: none)
+EmitEmbedding = Callable[[LinearEmitter, DecoderSpec], tuple[str, Int4Table | None]]
+EmitHead = Callable[[LinearEmitter, DecoderSpec, str, Int4Table | None], None]  # writes "logits"
+
+
+def dense_embedding(linear: LinearEmitter, spec: DecoderSpec) -> tuple[str, None]:
+    """input_ids [B, S] -> Gather(table [V, E]) -> hidden [B, S, E]."""
+    table = linear.src.tensor(EMBED + ".weight")  # [V, E]
+    emb = linear.w.initializer(EMBED + ".weight", table.astype(linear.dtype, copy=False), "embedding")
+    return linear.w.op("Gather", [emb, "input_ids"], axis=0), None
+
+
+def dense_lm_head(linear: LinearEmitter, spec: DecoderSpec, hidden: str, embedding: Int4Table | None) -> None:
+    """hidden [B, S, E] -> MatMul(W^T [E, V]) -> logits [B, S, V]."""
+    weight_t = np.ascontiguousarray(linear.src.tensor(HEAD + ".weight").T, dtype=linear.dtype)  # one V x E copy
+    linear.w.op("MatMul", [hidden, linear.w.initializer(HEAD + ".weight_t", weight_t, "dense")], outputs=["logits"])
+
+
+def _tied(linear: LinearEmitter, spec: DecoderSpec) -> bool:
+    return spec.tie_word_embeddings or not linear.src.has_tensor(HEAD + ".weight")
 
 
 @dataclass(frozen=True)
-class ExportOptions:
-    """Every option of an export; validated once in `validate`, written into the report."""
+class FormatEmitter:
+    """What `graph.build_decoder_graph` asks a format for."""
 
-    format: Format = "int4"
-    block_size: int = 32  # int4 / trt-int4 quantization block along K
-    # None: "hqq" for int4 (float zero points, ties onnxruntime's HQQ in perplexity on SmolLM2 at block 32 and 64;
-    # "asym" drops the block-offset term and decodes fastest), "sym" for trt-int4 (TensorRT is symmetric;
-    # "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
-    int4_scheme: Int4Scheme | None = None
-    accuracy_level: int = 0  # MatMulNBits: 0 = A in float, 4 = A quantized to int8 (faster on CPU)
-    keep_principal: bool = False  # int4 / trt-int4: quantize only W_res, keep B A as a float branch
-    quantize_lm_head: bool = True  # int4 / trt-int4
-    quantize_embedding: bool = True  # int4 only (GatherBlockQuantized)
-    # "gqa": onnxruntime's fused GroupQueryAttention (rotary inside; CPU and CUDA); "standard": default-domain ops
-    # only (any runtime, TensorRT). None: gqa for the com.microsoft formats (int4, nf4), standard otherwise.
-    attention: Literal["gqa", "standard"] | None = None
-    # Activations, KV cache and logits. None: float16 for fp16, float32 otherwise. onnxruntime-gpu's
-    # GroupQueryAttention runs only in float16/bfloat16, so int4/nf4 graphs for CUDA want io_dtype="float16".
-    io_dtype: Literal["float32", "float16"] | None = None
-
-    @property
-    def dtype(self) -> str:
-        """Activation / cache / logits dtype of the graph."""
-        return self.io_dtype or ("float16" if self.format == "fp16" else "float32")
-
-    def validate(self) -> "ExportOptions":
-        if self.format not in FORMATS:
-            raise QosoraError(f"unknown --format {self.format!r}; choose one of {', '.join(FORMATS)}")
-        if self.int4_scheme is None:
-            return replace(self, int4_scheme="sym" if self.format == "trt-int4" else "hqq").validate()
-        if self.attention is None:
-            return replace(self, attention="gqa" if self.format in ("int4", "nf4") else "standard").validate()
-        if self.io_dtype not in (None, "float32", "float16"):
-            raise QosoraError(f"unknown --io-dtype {self.io_dtype!r}; choose float32 or float16")
-        if self.format in ("fp16", "fp32") and self.io_dtype not in (None, "float" + self.format[2:]):
-            raise QosoraError(f"--format {self.format} fixes the graph dtype: drop --io-dtype")
-        if self.attention not in ("gqa", "standard"):
-            raise QosoraError(f"unknown --attention {self.attention!r}; choose gqa or standard")
-        if self.attention == "gqa" and self.format == "trt-int4":
-            raise QosoraError("trt-int4 is standard ONNX only (TensorRT parses no GroupQueryAttention): use --attention standard")
-        if self.int4_scheme not in INT4_SCHEMES:
-            raise QosoraError(f"unknown int4 scheme {self.int4_scheme!r}; choose one of {', '.join(INT4_SCHEMES)}")
-        if self.block_size not in (16, 32, 64, 128, 256):
-            raise QosoraError(f"--block-size {self.block_size}: use a power of two between 16 and 256")
-        if self.format == "trt-int4" and self.int4_scheme.startswith("asym"):
-            raise QosoraError("trt-int4 is symmetric (TensorRT takes no int4 zero point): use --int4-scheme sym-search")
-        if self.keep_principal and self.format not in ("int4", "trt-int4"):
-            raise QosoraError("--keep-principal applies to --format int4 and trt-int4")
-        if self.accuracy_level not in (0, 1, 2, 3, 4):
-            raise QosoraError(f"--accuracy-level {self.accuracy_level}: use 0 (unset), 1, 2, 3 or 4 (int8)")
-        return self
-
-    def to_json(self) -> dict:
-        return asdict(self)
+    linear: EmitLinear  # one linear: x -> x W^T
+    fused: EmitFused | None = None  # q/k/v and gate/up as one kernel; None: one linear each
+    embedding: EmitEmbedding = dense_embedding
+    lm_head: EmitHead = dense_lm_head
 
 
-@dataclass
-class Int4Table:
-    """The initializer names of one int4 weight [N, K]; a tied lm_head reuses the embedding's."""
-
-    q: Int4Blocks
-    data: str  # uint8 [N, K_pad / bs, bs / 2]
-    scales: str
-    zero_points: str | None  # packed uint8
-    offsets_t: str | None  # [nb, N] block offsets of float zero points
+FORMAT_EMITTERS: dict[str, FormatEmitter] = {}
 
 
-class LinearEmitter:
-    """Builds one linear's nodes for the chosen format and records its requantization error."""
+def register_format(name: str, *, fused: EmitFused | None = None, embedding: EmitEmbedding = dense_embedding,
+                    lm_head: EmitHead = dense_lm_head) -> Callable[[EmitLinear], EmitLinear]:
+    """`@register_format("name", ...)` on a linear emitter makes it format `name`'s, with the other parts given."""
+    def register(emit: EmitLinear) -> EmitLinear:
+        FORMAT_EMITTERS[name] = FormatEmitter(emit, fused, embedding, lm_head)
+        return emit
 
-    def __init__(self, w: GraphWriter, src: WeightSource, opts: ExportOptions):
-        self.w, self.src, self.opts, self.dtype = w, src, opts, opts.dtype
-        self.errors: dict[str, dict] = {}
-        self._block_sums: dict[tuple[str, int], str] = {}
+    return register
 
-    def __call__(self, x: str, module: str) -> str:
-        fmt, adapted = self.opts.format, self.src.is_adapted(module)
-        if fmt == "nf4" and adapted:
-            y = self._nf4_with_branch(x, module)
-        elif fmt in ("int4", "trt-int4"):
-            if self.opts.keep_principal and adapted:
-                res = self.src.residual_dense(module)
-                b, a = self.src.lowrank(module)
-                q = self._int4(res, module)
-                merged = res + b @ a
-                self._record(module, merged, dequantize_int4(q) + b @ a, kept_rank=a.shape[0])
-                del res, merged
-                y = self._int4_node(x, module, q)
-                y = self.w.op("Add", [y, self._lowrank_branch(x, module, b, a)])
-            else:
-                y = self._int4_node(x, module, self._quantize_merged(module))
-        else:  # fp32 / fp16, and non-adapted linears of an nf4 export
-            weight = self.src.dense(module)
-            wt = weight.T.astype(self.dtype)
-            self._record(module, weight, wt.T.astype(np.float32, copy=False))
-            y = self.w.op("MatMul", [x, self.w.initializer(module + ".weight_t", wt, "dense")])
-        bias = self.src.bias(module)
-        if bias is not None:
-            y = self.w.op("Add", [y, self.w.initializer(module + ".bias", bias.astype(self.dtype), "bias")])
-        return y
 
-    def fused(self, x: str, modules: list[str], name: str) -> list[str]:
-        """Several linears reading the same x (q/k/v, gate/up) as one int4 MatMulNBits and a Split: one kernel
-        launch instead of three, and the block-offset term of float zero points computed once.
+# -- fp32 / fp16 ------------------------------------------------------------------------------------------------
 
-            x ──> MatMulNBits([W_q; W_k; W_v]) (+ [b_q; b_k; b_v]) ──> Split(N_q, N_k, N_v) ──> q, k, v
+def tied_dense_lm_head(linear: LinearEmitter, spec: DecoderSpec, hidden: str, embedding: Int4Table | None) -> None:
+    """A tied head reads the dense embedding table, transposed at run time by MatMul's second operand."""
+    if not _tied(linear, spec):
+        return dense_lm_head(linear, spec, hidden, embedding)
+    w = linear.w
+    w.op("MatMul", [hidden, w.op("Transpose", [EMBED + ".weight"], perm=[1, 0])], outputs=["logits"])
 
-        Rows are quantized one module at a time (blocks run along K), so the codes equal the unfused export's.
-        Other formats, and --keep-principal, emit one linear per module.
-        """
-        if self.opts.format != "int4" or self.opts.keep_principal:
-            return [self(x, m) for m in modules]
-        parts = [self._quantize_merged(m, fused=name) for m in modules]
-        y = self.matmul_nbits(x, name, concat_rows(parts))
-        biases = [self.src.bias(m) for m in modules]
-        if any(b is not None for b in biases):
-            full = [np.zeros(p.codes.shape[0], np.float32) if b is None else b for p, b in zip(parts, biases)]
-            y = self.w.op("Add", [y, self.w.initializer(name + ".bias", np.concatenate(full).astype(self.dtype), "bias")])
-        sizes = [p.codes.shape[0] for p in parts]
-        return self.w.op("Split", [y, self.w.const(sizes, np.int64)], len(sizes), axis=-1)
 
-    # -- pieces ---------------------------------------------------------------------------------------------
-    def _quantize_merged(self, module: str, **note) -> Int4Blocks:
-        """int4 of the merged weight, its requantization error recorded."""
-        weight = self.src.dense(module)
-        q = self._int4(weight, module)
-        self.errors[module] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), **note}
-        return q
+@register_format("fp32", lm_head=tied_dense_lm_head)
+@register_format("fp16", lm_head=tied_dense_lm_head)
+def dense_linear(linear: LinearEmitter, x: str, module: str) -> str:
+    """MatMul(x, W^T [K, N]), W the merged weight in the graph dtype."""
+    weight = linear.src.dense(module)
+    wt = weight.T.astype(linear.dtype)
+    linear.record(module, weight, wt.T.astype(np.float32, copy=False))
+    return linear.w.op("MatMul", [x, linear.w.initializer(module + ".weight_t", wt, "dense")])
 
-    def _int4(self, weight: np.ndarray, module: str) -> Int4Blocks:
-        k = weight.shape[1]
-        if self.opts.format == "trt-int4" and k % self.opts.block_size:
-            raise QosoraError(
-                f"{module}: trt-int4 needs the block size to divide K={k} (TensorRT's blockwise DequantizeLinear); "
-                f"pick --block-size {max(b for b in (16, 32, 64) if k % b == 0) if k % 16 == 0 else 16}"
-            )
-        return quantize_int4(weight, self.opts.block_size, self.opts.int4_scheme)
 
-    def _int4_node(self, x: str, name: str, q: Int4Blocks) -> str:
-        if self.opts.format == "trt-int4":
-            return self.w.op("MatMul", [x, self.dequantize_linear(name, q)])
-        return self.matmul_nbits(x, name, q)
+# -- nf4 --------------------------------------------------------------------------------------------------------
 
-    def int4_table(self, name: str, q: Int4Blocks) -> "Int4Table":
-        """Write q's initializers as MatMulNBits reads them: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales
-        [N * K_pad/bs], zero points uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8). Float zero
-        points are split (`split_float_zero_points`) into uint8 ones and block offsets, stored as [nb, N]."""
-        n, bs = q.codes.shape[0], q.block_size
-        zero_points, offsets = q.zero_points, None
-        if zero_points is not None and zero_points.dtype != np.uint8:
-            zero_points, offsets = split_float_zero_points(q)
-        init = self.w.initializer
-        return Int4Table(
-            q, init(name + ".qweight", pack_low_first(q.codes).reshape(n, -1, bs // 2), "int4"),
-            init(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales"),
-            None if zero_points is None else init(name + ".qzeros", pack_low_first(zero_points), "scales"),
-            None if offsets is None else init(name + ".block_offsets_t",
-                                              np.ascontiguousarray(offsets.T).astype(self.dtype), "scales"))
+@register_format("nf4")
+def nf4_linear(linear: LinearEmitter, x: str, module: str) -> str:
+    """The stored function itself; linears without an adapter are dense.
 
-    def matmul_nbits(self, x: str, name: str, q: Int4Blocks) -> str:
-        return self.apply_int4(x, self.int4_table(name, q))
+        x ──> MatMulBnb4(NF4 W_res, absmax) ─────────────┐
+        │                                                 Add ──> y
+        └──> MatMul(A^T [K, r]) ──> MatMul(B^T [r, N]) ──┘
+    """
+    if not linear.src.is_adapted(module):
+        return dense_linear(linear, x, module)
+    w, p = linear.w, linear.src.nf4(module)
+    n, k = p.shape
+    y = w.op("MatMulBnb4", [
+        x,
+        w.initializer(module + ".nf4", np.ascontiguousarray(p.data, dtype=np.uint8), "nf4"),
+        w.initializer(module + ".absmax", p.absmax.astype(linear.dtype), "scales"),
+    ], domain=MS_DOMAIN, K=k, N=n, block_size=p.blocksize, quant_type=_BNB4_NF4)
+    b, a = linear.src.lowrank(module)
+    linear.errors[module] = {"shape": [n, k], "rel_error": 0.0, "kept_rank": int(a.shape[0]), "note": "NF4 kept"}
+    return w.op("Add", [y, linear.lowrank_branch(x, module, b, a)])
 
-    def apply_int4(self, x: str, t: "Int4Table") -> str:
-        """x W^T for an int4 table; float zero points run on the uint8 kernel plus a block-offset term:
 
-            x ──> MatMulNBits(codes, scales, round(z)) ───────────────────┐
-            │                                                           Add ──> y
-            └──> block sums [.., nb] ──> MatMul(offsets^T [nb, N]) ─────┘
-        """
-        q = t.q
-        inputs = [x, t.data, t.scales] + ([t.zero_points] if t.zero_points else [])
-        y = self.w.op("MatMulNBits", inputs, domain=MS_DOMAIN, K=q.k, N=q.codes.shape[0], bits=4,
-                      block_size=q.block_size, accuracy_level=self.opts.accuracy_level)
-        if t.offsets_t is None:
-            return y
-        return self.w.op("Add", [y, self.w.op("MatMul", [self.block_sums(x, q.k, q.block_size), t.offsets_t])])
+# -- int4 (MatMulNBits) and trt-int4 (DequantizeLinear) ---------------------------------------------------------
 
-    def block_sums(self, x: str, k: int, block_size: int) -> str:
-        """x [B, S, K] -> [B, S, ceil(K / bs)]: the sum of x over each quantization block (zero-padded), built
-        once per input (q/k/v and gate/up share theirs)."""
-        key = (x, block_size)
-        if key not in self._block_sums:
-            nb = -(-k // block_size)
-            padded = x
-            if nb * block_size != k:
-                padded = self.w.op("Pad", [x, self.w.const([0, 0, 0, 0, 0, nb * block_size - k], np.int64)])
-            blocks = self.w.op("Reshape", [padded, self.w.const([0, 0, nb, block_size], np.int64)])
-            self._block_sums[key] = self.w.op("ReduceSum", [blocks, self.w.const([-1], np.int64)], keepdims=0)
-        return self._block_sums[key]
+def _int4_linear(linear: LinearEmitter, x: str, module: str, matmul: Int4MatMul) -> str:
+    """matmul(x, int4(W_merged)); with --keep-principal, matmul(x, int4(W_res)) + (x A^T) B^T."""
+    if not (linear.opts.keep_principal and linear.src.is_adapted(module)):
+        return matmul(x, module, linear.quantize_merged(module))
+    res = linear.src.residual_dense(module)
+    b, a = linear.src.lowrank(module)
+    q = linear.int4(res)
+    merged = res + b @ a
+    linear.record(module, merged, dequantize_int4(q) + b @ a, kept_rank=a.shape[0])
+    del res, merged
+    return linear.w.op("Add", [matmul(x, module, q), linear.lowrank_branch(x, module, b, a)])
 
-    def dequantize_linear(self, name: str, q: Int4Blocks) -> str:
-        """Standard-ONNX int4: DequantizeLinear(int4 W^T [K, N], scale [K/bs, N], axis=0, block_size=bs) -> float [K, N].
 
-        The form TensorRT 10 parses for weight-only int4 (symmetric, no zero point); ORT's CPU optimizer fuses
-        it with the following MatMul into MatMulNBits.
-        """
-        signed_t = (q.codes[:, : q.k].astype(np.int16) - 8).T  # [K, N], -8..7
-        raw = pack_low_first((signed_t & 0x0F).astype(np.uint8).reshape(-1)).tobytes()
-        qw = self.w.raw_initializer(name + ".qweight_t", TensorProto.INT4, signed_t.shape, raw, "int4")
-        scale = self.w.initializer(name + ".scales_t", np.ascontiguousarray(q.scales.T).astype(self.dtype), "scales")
-        return self.w.op("DequantizeLinear", [qw, scale], axis=0, block_size=q.block_size)
+def fused_matmul_nbits(linear: LinearEmitter, x: str, modules: list[str], name: str) -> list[str]:
+    """Several linears reading the same x (q/k/v, gate/up) as one MatMulNBits and a Split: one kernel launch
+    instead of three, and the block-offset term of float zero points computed once.
 
-    def _nf4_with_branch(self, x: str, module: str) -> str:
-        """
-            x ──> MatMulBnb4(NF4 W_res, absmax) ─────────────┐
-            │                                                 Add ──> y
-            └──> MatMul(A^T [K, r]) ──> MatMul(B^T [r, N]) ──┘
-        """
-        p = self.src.nf4(module)
-        n, k = p.shape
-        y = self.w.op("MatMulBnb4", [
-            x,
-            self.w.initializer(module + ".nf4", np.ascontiguousarray(p.data, dtype=np.uint8), "nf4"),
-            self.w.initializer(module + ".absmax", p.absmax.astype(self.dtype), "scales"),
-        ], domain=MS_DOMAIN, K=k, N=n, block_size=p.blocksize, quant_type=_NF4)
-        b, a = self.src.lowrank(module)
-        self.errors[module] = {"shape": [n, k], "rel_error": 0.0, "kept_rank": int(a.shape[0]), "note": "NF4 kept"}
-        return self.w.op("Add", [y, self._lowrank_branch(x, module, b, a)])
+        x ──> MatMulNBits([W_q; W_k; W_v]) (+ [b_q; b_k; b_v]) ──> Split(N_q, N_k, N_v) ──> q, k, v
 
-    def _lowrank_branch(self, x: str, module: str, b: np.ndarray, a: np.ndarray) -> str:
-        at = self.w.initializer(module + ".lora_A_t", np.ascontiguousarray(a.T).astype(self.dtype), "lowrank")
-        bt = self.w.initializer(module + ".lora_B_t", np.ascontiguousarray(b.T).astype(self.dtype), "lowrank")
-        return self.w.op("MatMul", [self.w.op("MatMul", [x, at]), bt])
+    Rows are quantized one module at a time (blocks run along K), so the codes equal the unfused export's.
+    --keep-principal emits one linear per module.
+    """
+    if linear.opts.keep_principal:
+        return [linear(x, m) for m in modules]
+    w = linear.w
+    parts = [linear.quantize_merged(m, fused=name) for m in modules]
+    y = linear.matmul_nbits(x, name, concat_rows(parts))
+    biases = [linear.src.bias(m) for m in modules]
+    if any(b is not None for b in biases):
+        full = [np.zeros(p.codes.shape[0], np.float32) if b is None else b for p, b in zip(parts, biases)]
+        y = w.op("Add", [y, w.initializer(name + ".bias", np.concatenate(full).astype(linear.dtype), "bias")])
+    sizes = [p.codes.shape[0] for p in parts]
+    return w.op("Split", [y, w.const(sizes, np.int64)], len(sizes), axis=-1)
 
-    def _record(self, module: str, ref: np.ndarray, approx: np.ndarray, kept_rank: int = 0) -> None:
-        entry = {"shape": list(ref.shape), "rel_error": relative_error(ref, approx)}
-        if kept_rank:
-            entry["kept_rank"] = int(kept_rank)
-        self.errors[module] = entry
+
+def int4_embedding(linear: LinearEmitter, spec: DecoderSpec) -> tuple[str, Int4Table | None]:
+    """input_ids [B, S] -> hidden [B, S, E] by GatherBlockQuantized over the int4 table (shared with a tied head),
+    where --quantize-embedding and bs | E; else dense. GatherBlockQuantized takes uint8 zero points only, so float
+    zero points add their block offsets after the gather:
+
+        input_ids ─> GatherBlockQuantized(codes, scales, round(z)) ─> Reshape [B,S,nb,bs] ─> Add ─> Reshape [B,S,E]
+                  └> Gather(offsets^T [nb, V], axis 1) ─> Transpose ─> Unsqueeze(-1) ──────┘
+    """
+    w, bs, e = linear.w, linear.opts.block_size, spec.hidden_size
+    if not (linear.opts.quantize_embedding and e % bs == 0):
+        return dense_embedding(linear, spec)
+    table = linear.src.tensor(EMBED + ".weight")  # [V, E]
+    q = linear.int4(table)
+    linear.errors[EMBED] = {"shape": list(table.shape), "rel_error": int4_relative_error(table, q)}
+    v, nb = table.shape[0], e // bs
+    del table
+    t = linear.int4_table(EMBED, q)
+    inputs = [w.op("Reshape", [t.data, w.const([v, e // 2], np.int64)]), "input_ids",
+              w.op("Reshape", [t.scales, w.const([v, -1], np.int64)])] + ([t.zero_points] if t.zero_points else [])
+    hidden = w.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=4, block_size=bs, gather_axis=0,
+                  quantize_axis=1)
+    if t.offsets_t:  # Gather(offsets^T [nb, V], ids, axis 1) [nb, B, S] -> [B, S, nb, 1]
+        off = w.op("Transpose", [w.op("Gather", [t.offsets_t, "input_ids"], axis=1)], perm=[1, 2, 0])
+        blocks = w.op("Reshape", [hidden, w.const([0, 0, nb, bs], np.int64)])
+        off = w.op("Unsqueeze", [off, w.const([-1], np.int64)])
+        hidden = w.op("Reshape", [w.op("Add", [blocks, off]), w.const([0, 0, e], np.int64)])
+    return hidden, t
+
+
+def int4_lm_head(linear: LinearEmitter, spec: DecoderSpec, hidden: str, embedding: Int4Table | None) -> None:
+    """hidden [B, S, E] -> MatMulNBits -> logits [B, S, V] (a third of a small model's weights); a tied head reuses
+    the embedding's int4 table (MatMulNBits reads B [V, E/bs, bs/2], the same bytes). --no-quantize-lm-head: dense."""
+    if not linear.opts.quantize_lm_head:
+        return dense_lm_head(linear, spec, hidden, embedding)
+    if embedding is not None and _tied(linear, spec):
+        linear.w.op("Identity", [linear.apply_int4(hidden, embedding)], outputs=["logits"])
+        linear.errors[HEAD] = dict(linear.errors[EMBED], note="shared with embedding")
+        return
+    linear.w.op("Identity", [linear.matmul_nbits(hidden, HEAD, linear.quantize_merged(HEAD))], outputs=["logits"])
+
+
+def dequantized_lm_head(linear: LinearEmitter, spec: DecoderSpec, hidden: str, embedding: Int4Table | None) -> None:
+    """hidden [B, S, E] -> MatMul(DequantizeLinear(int4 W^T)) -> logits [B, S, V]; --no-quantize-lm-head: dense."""
+    if not linear.opts.quantize_lm_head:
+        return dense_lm_head(linear, spec, hidden, embedding)
+    weight_t = linear.dequantize_linear(HEAD, linear.quantize_merged(HEAD))
+    linear.w.op("MatMul", [hidden, weight_t], outputs=["logits"])
+
+
+@register_format("int4", fused=fused_matmul_nbits, embedding=int4_embedding, lm_head=int4_lm_head)
+def matmul_nbits_linear(linear: LinearEmitter, x: str, module: str) -> str:
+    return _int4_linear(linear, x, module, linear.matmul_nbits)
+
+
+@register_format("trt-int4", lm_head=dequantized_lm_head)
+def dequantized_linear(linear: LinearEmitter, x: str, module: str) -> str:
+    return _int4_linear(linear, x, module, linear.dequantized_matmul)
+
+
+assert set(FORMAT_EMITTERS) == set(FORMATS), f"formats registered {sorted(FORMAT_EMITTERS)} != options.Format"

@@ -5,10 +5,10 @@ The graph concatenates the cache (present = past + new), so `past_present_share_
 
 from __future__ import annotations
 
-from qosora.export import spec as io
+from qosora.export.spec import DecoderSpec, graph_inputs
 
 
-def genai_config(spec: io.DecoderSpec, hf_config: dict, generation_config: dict, context_length: int) -> dict:
+def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, context_length: int) -> dict:
     eos = generation_config.get("eos_token_id", hf_config.get("eos_token_id"))
     pad = generation_config.get("pad_token_id", hf_config.get("pad_token_id"))
     return {
@@ -60,7 +60,7 @@ def genai_config(spec: io.DecoderSpec, hf_config: dict, generation_config: dict,
     }
 
 
-def tensorrt_shape_profile(spec: io.DecoderSpec, max_batch: int, max_context: int) -> dict:
+def tensorrt_shape_profile(spec: DecoderSpec, max_batch: int, max_context: int) -> dict:
     """min / opt / max shapes of every dynamic input for one TensorRT optimization profile (decode-optimal),
     plus the same as trtexec flags."""
     def dims(name: str, b: int, s: int, p: int) -> list[int]:
@@ -70,7 +70,7 @@ def tensorrt_shape_profile(spec: io.DecoderSpec, max_batch: int, max_context: in
             return [b, p + s]
         return [b, spec.num_kv_heads, p, spec.head_dim]
 
-    names = [t.name for t in io.graph_inputs(spec, "float32")]
+    names = [t.name for t in graph_inputs(spec, "float32")]
     points = {"min": (1, 1, 0), "opt": (1, 1, max_context // 2), "max": (max_batch, max_context, max_context - 1)}
     profile = {n: {k: dims(n, *v) for k, v in points.items()} for n in names}
     # max: prefill of max_context tokens (past 0) and decode at past max_context - 1 are both inside the box,

@@ -13,7 +13,8 @@ prefill (sequence_length = prompt length, past_sequence_length = 0) and decode (
     present.{i}.key           T      [batch_size, num_key_value_heads, total_sequence_length, head_dim]
     present.{i}.value         T      [batch_size, num_key_value_heads, total_sequence_length, head_dim]
 
-total_sequence_length = past_sequence_length + sequence_length. T is float32 (float16 for --format fp16).
+total_sequence_length = past_sequence_length + sequence_length. T is `ExportOptions.dtype`: float32, or float16 for
+--format fp16 and --io-dtype float16.
 Callers (qosora.run, onnxruntime-genai) map the cache by name, never by position.
 """
 

@@ -14,28 +14,37 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-_NP_TO_ONNX = {
-    np.dtype("float32"): TensorProto.FLOAT,
-    np.dtype("float16"): TensorProto.FLOAT16,
-    np.dtype("int64"): TensorProto.INT64,
-    np.dtype("int32"): TensorProto.INT32,
-    np.dtype("uint8"): TensorProto.UINT8,
-    np.dtype("int8"): TensorProto.INT8,
-    np.dtype("bool"): TensorProto.BOOL,
+# numpy dtype name -> ONNX element type; the rest of the exporter names dtypes the numpy way.
+_ONNX_DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "uint8": TensorProto.UINT8,
+    "int8": TensorProto.INT8,
+    "bool": TensorProto.BOOL,
 }
+INT4 = TensorProto.INT4  # two signed 4-bit values a byte, low nibble first; numpy has no such dtype
 
 OPSET = 21  # blockwise DequantizeLinear (int4, block_size) needs 21
+IR_VERSION = 10  # int4 tensors need IR >= 10
 MS_DOMAIN = "com.microsoft"
+
+# External data: tensors of at least _PAGE_ALIGNED_FROM bytes start on a page (they can be mmapped), the rest on
+# _ALIGN bytes; tensors of at most `inline_limit` bytes stay inside model.onnx.
+_PAGE, _PAGE_ALIGNED_FROM, _ALIGN = 4096, 1 << 20, 64
+_INLINE_LIMIT = 1024
 
 
 def onnx_dtype(dtype) -> int:
-    return _NP_TO_ONNX[np.dtype(dtype)]
+    """The ONNX element type of a numpy dtype (or its name: "float32", "bool", ...)."""
+    return _ONNX_DTYPES[np.dtype(dtype).name]
 
 
 class GraphWriter:
     """Collects nodes; writes initializers to `data_path` immediately (those under `inline_limit` bytes inline)."""
 
-    def __init__(self, data_path: Path, inline_limit: int = 1024):
+    def __init__(self, data_path: Path, inline_limit: int = _INLINE_LIMIT):
         self.data_path = Path(data_path)
         self._file = open(self.data_path, "wb")
         self._offset = 0
@@ -64,7 +73,7 @@ class GraphWriter:
         if len(raw) <= self.inline_limit:
             t.raw_data = bytes(raw)
         else:
-            align = 4096 if len(raw) >= 1 << 20 else 64  # page-aligned big tensors can be mmapped
+            align = _PAGE if len(raw) >= _PAGE_ALIGNED_FROM else _ALIGN
             pad = -self._offset % align
             if pad:
                 self._file.write(b"\0" * pad)
@@ -106,6 +115,12 @@ class GraphWriter:
         self.op_counts[key] = self.op_counts.get(key, 0) + 1
         return outputs[0] if len(outputs) == 1 else outputs
 
+    def cast(self, x: str, to: str, src_dtype: str) -> str:
+        """Cast x (of numpy dtype name src_dtype) to `to`; no node when they agree."""
+        if src_dtype == to:
+            return x
+        return self.op("Cast", [x], to=onnx_dtype(to))
+
     # -- finish ---------------------------------------------------------------------------------------------
     def finish(self, inputs, outputs, model_path: Path, *, doc: str = "", metadata: dict | None = None,
                uses_ms_domain: bool = False) -> onnx.ModelProto:
@@ -115,7 +130,7 @@ class GraphWriter:
         if uses_ms_domain:
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qosora", doc_string=doc)
-        model.ir_version = 10  # int4 tensors need IR >= 10
+        model.ir_version = IR_VERSION
         for k, v in (metadata or {}).items():
             model.metadata_props.add(key=k, value=str(v))
         onnx.save_model(model, str(model_path))

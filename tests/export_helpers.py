@@ -5,35 +5,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from conftest import build_tiny_model
 from qosora.export.source import HFSource
 from qosora.nf4 import NF4Parts
 
+EXPORT_MODEL = dict(intermediate_size=128, rms_norm_eps=1e-5)  # the export tests' thresholds were set on this shape
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def tiny_model(arch: str = "llama", tied: bool = False, seed: int = 0, **overrides):
-    """hidden 64, 4 heads, 2 kv heads (GQA), 2 layers, vocab 128."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    kw = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-              num_hidden_layers=2, vocab_size=128, max_position_embeddings=256, tie_word_embeddings=tied,
-              rms_norm_eps=1e-5)
-    kw.update(overrides)
-    cfg_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    }[arch]
-    torch.manual_seed(seed)
-    model = model_cls(cfg_cls(**kw)).eval()
-    with torch.no_grad():  # larger than the 0.02 init so attention and norms are exercised, not near-uniform
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(0.15 * torch.randn_like(p))
-    return model
+    """conftest's tiny model (hidden 64, 4 heads, 2 kv heads, 2 layers, vocab 128) at the export tests' shape,
+    intermediate 128 and eps 1e-5, every weight redrawn N(0, 0.15^2): larger than the 0.02 init, so attention and
+    norms are exercised, not near-uniform."""
+    return build_tiny_model(None, arch, tied, seed, weight_std=0.15, **{**EXPORT_MODEL, **overrides})
 
 
 def linear_modules(model) -> list[str]:

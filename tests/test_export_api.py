@@ -7,24 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from conftest import write_tiny_tokenizer
 from export_helpers import tiny_model
 from qosora.errors import QosoraError
 from qosora.export import ExportOptions, export_onnx
-
-
-def write_tiny_tokenizer(directory, vocab_size: int = 128) -> None:
-    """A word-level tokenizer over tokens w0..w{V-1}, so tiny models can be driven by text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from qosora.export.check import DEFAULT_PROMPTS
-
-    half = vocab_size // 2
-    vocab = {f"w{i}": i for i in range(half)}  # w0..w{V/2-1}; the check's prompt words get the other ids
-    words = sorted({w for p in DEFAULT_PROMPTS for w in p.split()})[:half]
-    vocab.update({w: half + j for j, w in enumerate(words)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(directory / "tokenizer.json"))
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ import torch
 
 from export_helpers import AdaptedSource, feed, linear_modules, tiny_model
 from qosora.errors import QosoraError
-from qosora.export.formats import ExportOptions
 from qosora.export.graph import build_decoder_graph
-from qosora.export.quantizers import dequantize_int4, quantize_int4
+from qosora.export.int4 import dequantize_int4
+from qosora.export.options import ExportOptions
+from qosora.export.quantizers import quantize_int4
 from qosora.export.source import HFSource
 from qosora.run.decoder import session_options
 
@@ -178,10 +179,21 @@ def test_trt_int4_is_standard_onnx_and_matches(tmp_path):
     assert {n.domain for n in proto.graph.node} <= {""}
     assert {o.domain for o in proto.opset_import} == {""} and proto.opset_import[0].version >= 21
     onnx.checker.check_model(str(result.model_path), full_check=True)
-    inferred = onnx.shape_inference.infer_shapes_path(str(result.model_path), str(tmp_path / "inferred.onnx"))
-    assert inferred is None
+    # strict: a shape or type the ops imply that contradicts the declared inputs/outputs raises here
+    onnx.shape_inference.infer_shapes_path(str(result.model_path), str(tmp_path / "inferred.onnx"), check_type=True,
+                                           strict_mode=True)
+    inferred = onnx.load(str(tmp_path / "inferred.onnx"), load_external_data=False)
+    typed = {v.name: v.type.tensor_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    dims = lambda t: [d.dim_value or d.dim_param for d in t.shape.dim]  # noqa: E731
+    assert all(o in typed for n in inferred.graph.node for o in n.output)  # every tensor's type is known
+    assert typed["logits"].elem_type == onnx.TensorProto.FLOAT
+    assert dims(typed["logits"]) == ["batch_size", "sequence_length", 128]
     dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == 2 * 7 + 1
+    # each dequantized weight is float W^T [K, N]: q_proj [E, H*D], k_proj [E, Hkv*D], ..., lm_head [E, V]
+    assert all(typed[n.output[0]].elem_type == onnx.TensorProto.FLOAT for n in dq)
+    assert [dims(typed[n.output[0]]) for n in dq[:3]] == [[64, 64], [64, 32], [64, 32]]
+    assert dims(typed[dq[-1].output[0]]) == [64, 128]
     init = {t.name: t for t in proto.graph.initializer}
     w = init[dq[0].input[0]]
     assert w.data_type == onnx.TensorProto.INT4 and len(dq[0].input) == 2  # symmetric: no zero point
@@ -243,7 +255,7 @@ def test_bitsandbytes_nf4_layout_is_what_matmulbnb4_reads():
     packed, st = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
     deq = bnbf.dequantize_4bit(packed, st).numpy()
     node = helper.make_node("MatMulBnb4", ["x", "b", "absmax"], ["y"], domain="com.microsoft",
-                            K=k, N=n, block_size=64, quant_type=1)
+                            K=k, N=n, block_size=64, quant_type=1)  # 1: NF4
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [k, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [k, n])],
@@ -261,12 +273,20 @@ def test_unsupported_architecture_fails_clearly(tmp_path):
 
 
 def test_options_are_validated():
-    with pytest.raises(QosoraError, match="trt-int4 is symmetric"):
-        ExportOptions(format="trt-int4", int4_scheme="asym").validate()
+    for scheme in ("asym", "hqq"):  # hqq has float zero points: the symmetric DequantizeLinear would drop them
+        with pytest.raises(QosoraError, match="trt-int4 is symmetric"):
+            ExportOptions(format="trt-int4", int4_scheme=scheme).validate()
     with pytest.raises(QosoraError, match="keep-principal"):
         ExportOptions(format="fp16", keep_principal=True).validate()
     with pytest.raises(QosoraError, match="unknown --format"):
         ExportOptions(format="int8").validate()
+    with pytest.raises(QosoraError, match="--block-size"):
+        ExportOptions(block_size=48).validate()
+    with pytest.raises(QosoraError, match="--accuracy-level must be <= 4"):
+        ExportOptions(accuracy_level=5).validate()
+    resolved = ExportOptions(format="trt-int4").validate()
+    assert (resolved.int4_scheme, resolved.attention) == ("sym", "standard")
+    assert ExportOptions(format="nf4").validate().attention == "gqa"
 
 
 @pytest.mark.parametrize("fmt,tol", [("int4", 5e-3), ("nf4", 3e-2), ("trt-int4", 5e-3)])

@@ -1,10 +1,13 @@
-"""qosora export DIR --onnx OUT [--format int4|nf4|fp16|fp32|trt-int4] [--no-check] [--json]"""
+"""qosora export DIR --onnx OUT [--format int4|nf4|fp16|fp32|trt-int4] [--no-check] [--json]
+
+The export options (`--format`, `--block-size`, ...) are `qosora.export.options.ExportOptions`'s fields; importing
+them loads no onnx, so `--help` stays fast."""
 
 from __future__ import annotations
 
 from qosora.commands._common import add_verb, print_json
-
-FORMATS = ("int4", "nf4", "fp16", "fp32", "trt-int4")  # qosora.export.FORMATS, without importing onnx for --help
+from qosora.export.options import ExportOptions
+from qosora.options import add_arguments, from_args
 
 
 def add_parser(sub) -> None:
@@ -15,27 +18,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("directory", help="trained/prepared qosora directory, or a plain Hugging Face model directory")
     p.add_argument("--onnx", required=True, metavar="OUT", help="output directory (written atomically)")
-    p.add_argument("--format", default="int4", choices=FORMATS,
-                   help="int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r branch; "
-                        "fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (default: int4)")
-    p.add_argument("--block-size", type=int, default=32, help="int4 block along K (16..256, default 32)")
-    p.add_argument("--int4-scheme", default=None, choices=["hqq", "asym", "asym-ls", "asym-ls-float", "sym", "sym-search"],
-                   help="hqq: min/max scale, float zero point fitted by half-quadratic optimisation (run as uint8 zero "
-                        "point + block offset); asym: min/max + integer zero point (fastest decode); asym-ls / "
-                        "asym-ls-float: least-squares scale, integer / float zero point; sym: scale absmax/7; "
-                        "sym-search: MSE-searched scale (default: hqq for int4, sym for trt-int4)")
-    p.add_argument("--accuracy-level", type=int, default=0,
-                   help="MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 (faster CPU)")
-    p.add_argument("--attention", default=None, choices=["gqa", "standard"],
-                   help="gqa: onnxruntime's fused GroupQueryAttention; standard: default-domain ops only "
-                        "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
-    p.add_argument("--io-dtype", default=None, choices=["float32", "float16"],
-                   help="activations, KV cache and logits of int4/nf4/trt-int4 graphs (default float32); use float16 "
-                        "for onnxruntime-gpu, whose GroupQueryAttention needs it")
-    p.add_argument("--keep-principal", action="store_true",
-                   help="int4/trt-int4: requantize only the residual, keep the adapter as a float low-rank branch")
-    p.add_argument("--no-quantize-lm-head", action="store_true", help="keep lm_head dense in int4 formats")
-    p.add_argument("--no-quantize-embedding", action="store_true", help="keep the embedding dense in int4")
+    add_arguments(p.add_argument_group("export options"), ExportOptions)
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared per prompt (default 16)")
     p.add_argument("--trt-max-batch", type=int, default=1)
@@ -45,16 +28,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from qosora.export import ExportOptions, export_onnx
+    from qosora.export.api import export_onnx
     from qosora.export.check import format_table
 
-    opts = ExportOptions(
-        format=args.format, block_size=args.block_size, int4_scheme=args.int4_scheme,
-        accuracy_level=args.accuracy_level, keep_principal=args.keep_principal, attention=args.attention,
-        io_dtype=args.io_dtype,
-        quantize_lm_head=not args.no_quantize_lm_head, quantize_embedding=not args.no_quantize_embedding,
-    )
-    report = export_onnx(args.directory, args.onnx, options=opts, check=not args.no_check,
+    report = export_onnx(args.directory, args.onnx, options=from_args(ExportOptions, args), check=not args.no_check,
                          check_new_tokens=args.check_tokens, overwrite=args.overwrite, progress=not args.json,
                          trt_max_batch=args.trt_max_batch, trt_max_context=args.trt_max_context)
     if args.json:

@@ -1,0 +1,87 @@
+"""The options of an export (`ExportOptions`), declared once; the CLI flags and the validation come from them.
+
+This module imports neither onnx nor numpy, so `qosora export --help` stays fast. Each name set is a `Literal`
+(its values are the choices of the flag and of `check`); the emitters in `formats`, the quantizers in `quantizers`
+and the attention builders in `attention` are registered under exactly these names (each module asserts it at
+import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, get_args
+
+from qosora.errors import QosoraError
+from qosora.options import check, option
+
+Format = Literal["int4", "nf4", "fp16", "fp32", "trt-int4"]
+FORMATS: tuple[str, ...] = get_args(Format)
+Int4Scheme = Literal["sym", "sym-search", "asym", "asym-ls", "asym-ls-float", "hqq"]
+INT4_SCHEMES: tuple[str, ...] = get_args(Int4Scheme)
+SYMMETRIC_SCHEMES: tuple[str, ...] = ("sym", "sym-search")  # no zero point: the only int4 TensorRT takes
+Attention = Literal["gqa", "standard"]
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+IoDtype = Literal["float32", "float16"]
+BlockSize = Literal[16, 32, 64, 128, 256]
+
+# What the cross-field rules know about the formats.
+INT4_FORMATS = ("int4", "trt-int4")  # linears requantized to blockwise int4 (--int4-scheme, --keep-principal apply)
+_MS_DOMAIN_FORMATS = ("int4", "nf4")  # com.microsoft kernels already: GroupQueryAttention by default
+_FIXED_DTYPE = {"fp32": "float32", "fp16": "float16"}  # the format is the graph dtype
+
+_SCHEME_HELP = (
+    "hqq: min/max scale, float zero point fitted by half-quadratic optimisation (run as uint8 zero point + block "
+    "offset); asym: min/max + integer zero point (fastest decode); asym-ls / asym-ls-float: least-squares scale, "
+    "integer / float zero point; sym: scale absmax/7; sym-search: MSE-searched scale "
+    "(default: hqq for int4, sym for trt-int4)")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of an export; validated once in `validate`, written into the report."""
+
+    format: Format = option("int4", "int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r "
+                                    "branch; fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT")
+    block_size: BlockSize = option(32, "int4 / trt-int4 quantization block along K")
+    # None: "hqq" for int4 (float zero points, ties onnxruntime's HQQ in perplexity on SmolLM2 at block 32 and 64;
+    # "asym" drops the block-offset term and decodes fastest), "sym" for trt-int4 (TensorRT is symmetric;
+    # "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
+    int4_scheme: Int4Scheme | None = option(None, _SCHEME_HELP)
+    accuracy_level: int = option(0, "MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 "
+                                    "(faster CPU)", min=0, max=4)
+    keep_principal: bool = option(False, "int4/trt-int4: requantize only the residual, keep the adapter as a float "
+                                         "low-rank branch")
+    quantize_lm_head: bool = option(True, "keep lm_head dense in int4 formats", flag="--no-quantize-lm-head")
+    quantize_embedding: bool = option(True, "keep the embedding dense in int4", flag="--no-quantize-embedding")
+    attention: Attention | None = option(None, "gqa: onnxruntime's fused GroupQueryAttention (rotary inside; CPU "
+                                               "and CUDA); standard: default-domain ops only (any runtime, TensorRT) "
+                                               "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
+    io_dtype: IoDtype | None = option(None, "activations, KV cache and logits of int4/nf4/trt-int4 graphs (default "
+                                            "float32); use float16 for onnxruntime-gpu, whose GroupQueryAttention "
+                                            "needs it")
+
+    @property
+    def dtype(self) -> str:
+        """Activation / cache / logits dtype of the graph."""
+        return self.io_dtype or _FIXED_DTYPE.get(self.format, "float32")
+
+    def validate(self) -> "ExportOptions":
+        """Check every field, fill the format-dependent defaults, then the rules that tie fields together."""
+        check(self)
+        fmt = self.format
+        opts = replace(self, int4_scheme=self.int4_scheme or ("sym" if fmt == "trt-int4" else "hqq"),
+                       attention=self.attention or ("gqa" if fmt in _MS_DOMAIN_FORMATS else "standard"))
+        if fmt in _FIXED_DTYPE and opts.io_dtype not in (None, _FIXED_DTYPE[fmt]):
+            raise QosoraError(f"--format {fmt} fixes the graph dtype: drop --io-dtype")
+        if fmt == "trt-int4" and opts.attention == "gqa":
+            raise QosoraError("trt-int4 is standard ONNX only (TensorRT parses no GroupQueryAttention): use "
+                              "--attention standard")
+        if fmt == "trt-int4" and opts.int4_scheme not in SYMMETRIC_SCHEMES:
+            raise QosoraError("trt-int4 is symmetric (TensorRT takes no int4 zero point): use --int4-scheme "
+                              f"{' or '.join(SYMMETRIC_SCHEMES)}")
+        if opts.keep_principal and fmt not in INT4_FORMATS:
+            raise QosoraError(f"--keep-principal applies to --format {' and '.join(INT4_FORMATS)}")
+        return opts
+
+    def to_json(self) -> dict:
+        return asdict(self)
