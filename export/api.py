@@ -48,7 +48,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
     src_dir = source.directory
     bar = _progress_bar(progress)
 
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[src_dir] if src_dir else []) as tmp:
         built = build_decoder_graph(source, opts, tmp, progress=bar)
         t_build = time.perf_counter() - t0
         if src_dir is not None:
@@ -85,12 +85,16 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         if opts.format == "trt-int4":
             report["tensorrt"] = tensorrt_shape_profile(built.spec, trt_max_batch, context)
         if check:
-            from qosora.export.check import parity_check, prompt_token_ids
+            from qosora.export.check import failed_parity, parity_check, prompt_token_ids
 
             t1 = time.perf_counter()
             model = reference_model if reference_model is not None else load_reference_model(src_dir)
             ids = prompt_token_ids(src_dir, vocab_size=built.spec.vocab_size)
             report["parity"] = parity_check(tmp, model, ids, new_tokens=check_new_tokens)
+            reason = failed_parity(report["parity"]["summary"], opts.format)
+            if reason is not None:
+                raise QosoraError(f"the exported {opts.format} graph does not compute the model: {reason}; nothing was "
+                                  "written (--no-check keeps the graph anyway, for debugging)")
             report["timing_s"]["check"] = round(time.perf_counter() - t1, 3)
         report["timing_s"]["total"] = round(time.perf_counter() - t0, 3)
         report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
@@ -110,9 +114,9 @@ def load_reference_model(src_dir: Path | None):
 
         # fp32 compute: the exact stored function (bf16 factors upcast), so parity measures the export alone.
         return qosora.load(src_dir, dtype=torch.float32, compute_dtype=torch.float32).eval()
-    from transformers import AutoModelForCausalLM
+    from qosora.loading import load_hf
 
-    return AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()
+    return load_hf(src_dir, dtype=torch.float32).eval()
 
 
 def _progress_bar(enabled: bool):

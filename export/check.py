@@ -124,6 +124,28 @@ def parity_check(onnx_dir: Path, torch_model, token_ids: list[list[int]], new_to
     return {"summary": summary, "per_prompt": rows}
 
 
+# What an export may lose against PyTorch before it is refused. Lossless formats compute the same function up to
+# float rounding; requantized ones lose what their report's per-layer error says (on SmolLM2 int4 adds +0.3 to +2.2
+# to a perplexity near 10, a ratio below 1.25), so a ratio of 1.5 catches a wrong graph, not a coarse quantizer.
+LOSSLESS_REL_LOGIT_DIFF = {"fp32": 1e-3, "nf4": 1e-2, "fp16": 5e-2}
+MAX_PPL_RATIO = 1.5
+
+
+def failed_parity(summary: dict, format: str) -> str | None:
+    """Why the exported graph does not compute the model, or None when it does (within the format's loss)."""
+    values = [v for k, v in summary.items() if isinstance(v, float)]
+    if not all(math.isfinite(v) for v in values):
+        return "its logits (or PyTorch's) are NaN or infinite"
+    limit = LOSSLESS_REL_LOGIT_DIFF.get(format)
+    if limit is not None and summary["max_rel_logit_diff"] > limit:
+        return (f"its logits differ from PyTorch's by {summary['max_rel_logit_diff']:.3g} (relative), more than "
+                f"{format}'s rounding ({limit:g})")
+    if summary["ppl_onnx"] > MAX_PPL_RATIO * summary["ppl_torch"]:
+        return (f"its perplexity {summary['ppl_onnx']:.3f} is more than {MAX_PPL_RATIO}x PyTorch's "
+                f"{summary['ppl_torch']:.3f}")
+    return None
+
+
 def format_table(summary: dict) -> str:
     rows = [
         ("max |logit diff|", f"{summary['max_abs_logit_diff']:.3g} (rel {summary['max_rel_logit_diff']:.2g})"),

@@ -52,11 +52,14 @@ class WeightSource(Protocol):
     def bias(self, module: str) -> np.ndarray | None: ...
 
 
-def _f32(t) -> np.ndarray:
-    """torch tensor (any float dtype, bf16 included) or array -> float32 numpy."""
-    if hasattr(t, "detach"):
-        return t.detach().float().cpu().numpy()  # .float() is a no-op on float32
-    return np.asarray(t, dtype=np.float32)
+def _f32(t, name: str) -> np.ndarray:
+    """torch tensor (any float dtype, bf16 included) or array -> float32 numpy; NaN / inf is refused, naming `name`
+    (a NaN weight would export, pass an unguarded check, and generate garbage)."""
+    a = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise QosoraError(f"{name} holds NaN or inf values: the checkpoint is corrupt or the run diverged "
+                          "(retrain with a lower --lr); nothing was exported")
+    return a
 
 
 class HFSource:
@@ -90,7 +93,7 @@ class HFSource:
             name = "model.embed_tokens.weight"  # tied embeddings are stored once
         if name not in self._tensors:
             raise QosoraError(f"tensor {name} is missing from the checkpoint")
-        return _f32(self._tensors[name])
+        return _f32(self._tensors[name], name)
 
     def is_adapted(self, module: str) -> bool:
         return False
@@ -145,18 +148,18 @@ class PreparedSource:
             name = "model.embed_tokens.weight"
         if name not in self._base:
             raise QosoraError(f"tensor {name} is missing from {self.directory}")
-        return _f32(self._reader.base_tensor(name))
+        return _f32(self._reader.base_tensor(name), name)
 
     def is_adapted(self, module: str) -> bool:
         return module in self._adapted
 
     def dense(self, module: str) -> np.ndarray:
         if module in self._adapted:
-            return _f32(self._reader.adapted(module).merged())
+            return _f32(self._reader.adapted(module).merged(), module)
         return self.tensor(module + ".weight")
 
     def residual_dense(self, module: str) -> np.ndarray:
-        return _f32(self._reader.adapted(module).residual_dense())
+        return _f32(self._reader.adapted(module).residual_dense(), module + " residual")
 
     def nf4(self, module: str) -> "NF4Parts":
         weight = self._reader.adapted(module)
@@ -167,12 +170,12 @@ class PreparedSource:
 
     def lowrank(self, module: str) -> tuple[np.ndarray, np.ndarray]:
         b, a = self._reader.adapted(module).lowrank()
-        return _f32(b), _f32(a)
+        return _f32(b, module + " adapter"), _f32(a, module + " adapter")
 
     def bias(self, module: str) -> np.ndarray | None:
         if module in self._adapted:
             b = self._reader.bias(module)
-            return None if b is None else _f32(b)
+            return None if b is None else _f32(b, module + ".bias")
         name = module + ".bias"
         return self.tensor(name) if name in self._base else None
 

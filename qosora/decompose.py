@@ -44,6 +44,8 @@ class Principal:
 
 
 def check_rank(rank: int, shape: tuple[int, int], name: str = "weight") -> None:
+    if len(shape) != 2 or min(shape) < 1:
+        raise QosoraError(f"{name} has shape {tuple(shape)}, not a (d_out, d_in) matrix: corrupt checkpoint")
     if not 1 <= rank <= min(shape):
         raise QosoraError(
             f"rank {rank} is too large for {name} of shape {tuple(shape)}: use --rank <= {min(shape)}"

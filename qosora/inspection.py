@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from qosora.architectures import parse_linear
+from qosora.errors import QosoraError
 from qosora.prepared import PreparedReader
 
 
@@ -60,8 +61,23 @@ def inspect(directory: str | Path) -> dict:
     }
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Fail before any work if the plot cannot be written: matplotlib missing, or no directory to write into."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise QosoraError("--plot needs matplotlib, which is not installed: pip install 'qosora[plot]' "
+                          "(or drop --plot)") from None
+    path = Path(path)
+    if path.is_dir():
+        raise QosoraError(f"--plot {path} is a directory: pass a file name such as spectra.png")
+    if not path.parent.is_dir():
+        raise QosoraError(f"--plot {path}: directory {path.parent} does not exist: create it or choose another path")
+
+
 def plot(report: dict, path: str | Path) -> Path:
     """Spectra (mean top-r singular values, normalised by the largest) and error reduction per module type."""
+    check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -4,6 +4,8 @@
 
 Merging into the *original* 16-bit W, or requantizing a merged NF4 weight in place (PEFT's 4-bit merge), would
 change the function (peft#1080, #2105, #2321). Streamed: one module in fp32 at a time, shards flushed as they fill.
+Every module's factors and residual are checked (shapes, NaN/Inf) before anything is written, and every merged
+weight is checked again after the cast to `dtype` (a finite adapter can still overflow float16).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from qosora.architectures import layer_index
@@ -35,14 +38,22 @@ def merge(
         raise QosoraError(f"unknown --dtype {dtype!r}: use float32, bfloat16 or float16")
     torch_dtype = DTYPES[dtype]
     reader = PreparedReader(directory)
+    reader.check()
     modules = set(reader.modules)
     names = sorted([*reader.base_names(), *(f"{m}.weight" for m in modules)], key=lambda n: (layer_index(n), n))
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[reader.directory]) as tmp:
         writer = ShardedWriter(tmp, "model", max_shard_bytes)
         for name in tqdm(names, desc="merge", unit="tensor", disable=not progress):
             module = name[: -len(".weight")]
-            t = reader.adapted(module).merged() if name.endswith(".weight") and module in modules else reader.base_tensor(name)
-            writer.add(name, t.to(torch_dtype) if t.is_floating_point() else t)
+            if name.endswith(".weight") and module in modules:
+                t = reader.adapted(module).merged().to(torch_dtype)
+                if not bool(torch.isfinite(t).all()):
+                    raise QosoraError(f"module {module}: the merged weight overflows {dtype} (NaN/Inf after the cast): "
+                                      "use --dtype float32 or bfloat16")
+            else:
+                t = reader.base_tensor(name)
+                t = t.to(torch_dtype) if t.is_floating_point() else t
+            writer.add(name, t)
         writer.close()
         copy_side_files(reader.directory, tmp)
         config = json.loads((tmp / "config.json").read_text())

@@ -24,13 +24,17 @@ SwiGLU's gate, up, act, product). It was checked against a measured SmolLM2 peak
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from qosora.config import ALL_TARGETS, METHODS
+from qosora.architectures import config_sizes, read_json_object
+from qosora.config import ALL_TARGETS, Method, PrepareConfig
 from qosora.errors import QosoraError
-from qosora.methods import METHOD_SPECS
+from qosora.options import check, option
+from qosora.train.config import Optim
+
+Device = Literal["cuda", "cpu"]
 
 GiB = 1 << 30
 KNOWN_MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b")
@@ -56,18 +60,19 @@ class ModelDims:
     head_dim: int | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ModelDims":
-        try:
-            return cls(
-                hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],
-                num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                vocab_size=cfg["vocab_size"], tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-                head_dim=cfg.get("head_dim"),
-            )
-        except KeyError as e:
-            raise QosoraError(f"model config lacks {e.args[0]!r}: pass a Llama-shaped config.json") from None
+    def from_config(cls, cfg: dict, where: str = "model config") -> "ModelDims":
+        """From a Llama-shaped config.json; every size must be a positive integer."""
+        if not isinstance(cfg, dict):
+            raise QosoraError(f"{where} is not a JSON object: pass a Llama-shaped config.json")
+        s = config_sizes(cfg, where)
+        return cls(
+            hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+            num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+            num_key_value_heads=s["num_key_value_heads"], vocab_size=s["vocab_size"],
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+            head_dim=cfg.get("head_dim"),
+        )
 
     @property
     def hd(self) -> int:
@@ -91,10 +96,34 @@ def read_model(config: str) -> ModelDims:
     if not path.is_file():
         raise QosoraError(f"--config {config}: no such file; pass a config.json, a model directory or one of "
                           f"{', '.join(KNOWN_MODELS)}")
-    try:
-        return ModelDims.from_config(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise QosoraError(f"{path} is not valid JSON ({e})") from None
+    return ModelDims.from_config(read_json_object(path, "pass a Llama-shaped config.json"), str(path))
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What `qosora plan` predicts: a model (`config`) and the training run's shape."""
+
+    config: str = option(help="llama-2-7b | llama-3-8b | qwen2.5-7b | CONFIG.json | MODEL_DIR")
+    method: Method = option("sorsa", "adapter method")
+    rank: int = option(64, "adapter rank r", min=1)
+    seq_len: int = option(2048, "tokens per example", min=1)
+    batch_size: int = option(1, "examples per micro-batch", min=1)
+    optim: Optim = option("adamw", "optimizer; the 8-bit variants count only on CUDA")
+    gradient_checkpointing: bool = option(False, "recompute each layer in backward")
+    chunked_loss: bool = option(True, "plan without the chunked cross-entropy", flag="--full-logits")
+    targets: str | None = option(None, "comma list: q,k,v,o,gate,up,down (default: all)")
+    device: Device = option("cuda", "cpu: peak RSS of a CPU run")
+    bf16: bool = option(True, "16-bit non-adapted weights (fp32 where the hardware has no bf16)", cli=False)
+    gpu_memory: float | None = option(None, "GiB available: say whether it fits", gt=0.0)
+
+    def validate(self) -> "PlanOptions":
+        check(self)
+        if self.targets is not None:
+            PrepareConfig.normalize_targets(self.targets)
+        return self
+
+    def target_names(self) -> tuple[str, ...]:
+        return PrepareConfig.normalize_targets(self.targets) if self.targets else ALL_TARGETS
 
 
 @dataclass
@@ -135,6 +164,8 @@ def _layer_activation_bytes(m: ModelDims, r: int, method: str, targets: tuple[st
     layer (SORSA r=16: 27.4 KB counted vs 27.9 KB measured; OSoRA 27.7 vs 27.8). bitsandbytes' 4-bit matmul
     saves no input (the residual is frozen); a frozen factor saves none either (OSoRA's Vh, U).
     """
+    from qosora.methods import METHOD_SPECS
+
     h, i = m.hidden_size, m.intermediate_size
     q, kv, nh = m.num_attention_heads * m.hd, m.num_key_value_heads * m.hd, m.num_attention_heads
     shapes = m.linear_shapes()
@@ -157,17 +188,33 @@ def _layer_activation_bytes(m: ModelDims, r: int, method: str, targets: tuple[st
 
 def plan(model: ModelDims | str, method: str = "sorsa", rank: int = 64, seq_len: int = 2048, batch_size: int = 1,
          optim: str = "adamw", gradient_checkpointing: bool = False, chunked_loss: bool = True,
-         targets: tuple[str, ...] = ALL_TARGETS, device: str = "cuda", bf16: bool = True,
+         targets: tuple[str, ...] | str = ALL_TARGETS, device: str = "cuda", bf16: bool = True,
          gpu_memory: float | None = None) -> PlanReport:
-    """Predict the peak memory of one training step. `gpu_memory` in GiB."""
-    name = model if isinstance(model, str) else "custom"
-    m = read_model(model) if isinstance(model, str) else model
-    if method not in METHODS:
-        raise QosoraError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-    if optim not in ("adamw", "adamw8bit", "paged_adamw8bit"):
-        raise QosoraError(f"unknown optimizer {optim!r}")
+    """Predict the peak memory of one training step (keyword form of `run_plan`). `gpu_memory` in GiB."""
+    options = PlanOptions(
+        config=model if isinstance(model, str) else "custom", method=method, rank=rank, seq_len=seq_len,
+        batch_size=batch_size, optim=optim, gradient_checkpointing=gradient_checkpointing, chunked_loss=chunked_loss,
+        targets=targets if isinstance(targets, str) else ",".join(targets), device=device, bf16=bf16,
+        gpu_memory=gpu_memory,
+    )
+    return run_plan(options, model if isinstance(model, ModelDims) else None)
+
+
+def run_plan(options: PlanOptions, dims: ModelDims | None = None) -> PlanReport:
+    """The plan `options` describe, for `dims` or else the model `options.config` names. Options checked first."""
+    from qosora.methods import METHOD_SPECS
+
+    o = options.validate()
+    m = dims if dims is not None else read_model(o.config)
+    name, method, rank, seq_len, batch_size = o.config, o.method, o.rank, o.seq_len, o.batch_size
+    optim, gradient_checkpointing, chunked_loss, device = o.optim, o.gradient_checkpointing, o.chunked_loss, o.device
+    targets, bf16, gpu_memory = o.target_names(), o.bf16, o.gpu_memory
     spec = METHOD_SPECS[method]
     shapes = m.linear_shapes()
+    for t in targets:
+        if rank > min(shapes[t]):
+            raise QosoraError(f"rank {rank} is too large for {t} of shape {shapes[t]} in {name}: "
+                              f"use --rank <= {min(min(shapes[u]) for u in targets)}")
     L, N = m.num_hidden_layers, seq_len * batch_size
     h, i, V = m.hidden_size, m.intermediate_size, m.vocab_size
     half = 2 if bf16 else 4

@@ -1,16 +1,18 @@
 """`qosora prepare`: stream a Hugging Face checkpoint, split every targeted linear by SVD, quantize the residual.
 
-    for each tensor, in layer order (one resident at a time, memory-mapped source):
+    for each tensor, in layer order (one resident at a time, read by positioned reads):
         targeted linear W  ->  principal (U, S, Vh in bf16)  +  NF4(W - principal)   [+ stats]
         anything else      ->  copied as is into base.safetensors
 
 Peak memory is one weight in fp32 plus its SVD workspace plus one output shard, never the whole model.
-The output directory is written atomically (temporary directory + rename).
+The output directory is written atomically (temporary directory + rename). Before anything is written, config.json
+is checked against the weights' names and shapes; a NaN/Inf weight stops the run, naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from qosora import __version__
-from qosora.architectures import check_supported, layer_index, parse_linear
+from qosora.architectures import check_config_matches_weights, check_supported, layer_index, parse_linear, read_hf_config
 from qosora.files import atomic_directory, copy_side_files
+from qosora.loading import resolve_device
 from qosora.prepared import STATS_NAME
 from qosora.shards import ShardedWriter, ShardReader
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
@@ -49,23 +52,16 @@ class PrepareReport:
     out_dir: str
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Strict JSON: an error that was not measured (plain NF4 under --no-quant) is null, never NaN."""
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def read_hf_config(model_dir: Path) -> dict:
-    if not model_dir.is_dir():
-        raise QosoraError(f"model directory {model_dir} does not exist: pass a local Hugging Face model directory")
-    path = model_dir / "config.json"
-    if not path.is_file():
-        raise QosoraError(f"{model_dir} has no config.json: pass a Hugging Face model directory (config.json + safetensors)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QosoraError(f"{path} is not valid JSON ({e})") from None
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    """A NaN or Inf in a weight would become a NaN layer (QLoRA) or an SVD failure: refuse it, naming the tensor."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QosoraError(f"{where}: tensor {name} has {bad} NaN/Inf values: the checkpoint is corrupt; "
+                          "re-download or re-save the model")
 
 
 def select_modules(reader: ShardReader, config: PrepareConfig, filter_fn: FilterFn | None) -> list[str]:
@@ -77,7 +73,10 @@ def select_modules(reader: ShardReader, config: PrepareConfig, filter_fn: Filter
         parsed = parse_linear(module)
         if parsed is None or parsed[1] not in config.targets:
             continue
-        shape = reader.shape(name)
+        shape = reader.shape(name)  # 2-D with the config's sizes: check_config_matches_weights ran first
+        if reader.dtype(name) not in ("F32", "F16", "BF16", "F64"):
+            raise QosoraError(f"{reader.directory}: {name} is stored as {reader.dtype(name)}: qosora prepares 16/32-bit "
+                              "float checkpoints, not already-quantized ones")
         if filter_fn is not None and not filter_fn(module, shape):
             continue
         check_rank(config.rank, shape, module)
@@ -180,13 +179,14 @@ def prepare(
     hf_config = read_hf_config(model_dir)
     model_type = check_supported(hf_config, str(model_dir))
     reader = ShardReader(model_dir)
+    check_config_matches_weights(hf_config, reader.names(), reader.shape, str(model_dir))
     modules = select_modules(reader, config, filter_fn)
     adapted = {f"{m}.weight" for m in modules}
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
 
     stats: dict[str, dict] = {}
     frozen = 0
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[model_dir]) as tmp:
         base = ShardedWriter(tmp, "base", max_shard_bytes)
         residual_writer = ShardedWriter(tmp, "residual", max_shard_bytes)
         adapter_writer = ShardedWriter(tmp, "adapter", max_shard_bytes=1 << 40)
@@ -195,6 +195,7 @@ def prepare(
 
         def task(name: str):
             tensor = reader.get(name)
+            check_finite(tensor, name, str(model_dir))
             if name not in adapted:
                 return tensor, None
             module = name[: -len(".weight")]

@@ -8,6 +8,11 @@
 
 `PreparedReader` hands out one `AdaptedWeight` per module (merge and export stream through it); `save_trained`
 writes a model's current factors next to hard links of the unchanged residual and base files.
+
+Every tensor handed out is checked first: its shape against what config.json and the rank imply (`factor_shapes`), and
+that it holds no NaN/Inf, so a corrupt or diverged directory fails with its module's name instead of merging,
+exporting or evaluating a wrong model. `check()` runs those checks for every module without reading the packed
+NF4 codes (merge calls it before writing anything).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 
 from qosora.adapted import AdaptedWeight
+from qosora.architectures import config_sizes, expected_linear_shapes, parse_linear, read_json_object
 from qosora.config import CONFIG_NAME, QosoraConfig
 from qosora.errors import QosoraError
 from qosora.files import atomic_directory, link_or_copy
@@ -27,8 +33,13 @@ from qosora.nf4 import DTYPES, NF4Weight
 from qosora.shards import ShardedWriter, ShardReader
 
 STATS_NAME = "stats.json"
-_NF4_FIELDS = ("data", "shape", "absmax", "absmax_scale", "absmax_code", "absmax_offset")
 _ONE_SHARD = 1 << 40  # the adapter is small: always one file
+_DOUBLE_QUANT_BLOCK = 256  # bitsandbytes' block of the 8-bit quantized scales (qosora.nf4)
+
+
+def factor_shapes(d_out: int, d_in: int, rank: int) -> dict[str, tuple[int, ...]]:
+    """The stored shape of every factor name any method uses (qosora.methods)."""
+    return {"U": (d_out, rank), "S": (rank,), "Vh": (rank, d_in), "O": (d_out,), "A": (rank, d_in), "B": (d_out, rank)}
 
 
 def is_prepared(directory: str | Path) -> bool:
@@ -44,11 +55,15 @@ class PreparedReader:
             raise QosoraError(f"{self.directory} is not a directory: pass a directory written by `qosora prepare` "
                               "or `qosora train`")
         self.config = QosoraConfig.read(self.directory)
-        try:
-            self.hf_config = json.loads((self.directory / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise QosoraError(f"{self.directory}/config.json is missing or corrupt ({e}): re-run `qosora prepare`") from None
+        if not (self.directory / "config.json").is_file():
+            raise QosoraError(f"{self.directory}/config.json is missing: re-run `qosora prepare`")
+        self.hf_config = read_json_object(self.directory / "config.json", "re-run `qosora prepare`")
+        self._linear_shapes = expected_linear_shapes(config_sizes(self.hf_config, f"{self.directory}/config.json"))
         self.modules = list(self.config.modules)
+        for module in self.modules:
+            if parse_linear(module) is None:
+                raise QosoraError(f"{self.directory}/{CONFIG_NAME} lists {module!r}, which is not an adaptable linear: "
+                                  "corrupt directory, re-run `qosora prepare`")
         self.spec = METHOD_SPECS[self.config.prepare.method]
         self._base = ShardReader(self.directory, "base")
         self._residual = ShardReader(self.directory, "residual")
@@ -63,30 +78,39 @@ class PreparedReader:
 
     def bias(self, module: str) -> torch.Tensor | None:
         name = f"{module}.bias"
-        return self._base.get(name) if name in self._base else None
+        return self._checked(self._base, name, module, self.module_shape(module)[:1]) if name in self._base else None
 
     # --- adapted modules -----------------------------------------------------------------------------------
     def is_quantized(self) -> bool:
         return self.config.prepare.quant.quant_type == "nf4"
 
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(d_out, d_in) of an adapted linear, as config.json gives it."""
+        return self._linear_shapes[parse_linear(module)[1]]
+
     def residual(self, module: str) -> NF4Weight | torch.Tensor:
         if not self.is_quantized():
-            return self._get(self._residual, f"{module}.residual")
+            return self._checked(self._residual, f"{module}.residual", module, self.module_shape(module))
         q = self.config.prepare.quant
-        tensors = {f"{module}.nf4.{f}": self._residual.get(f"{module}.nf4.{f}")
-                   for f in _NF4_FIELDS if f"{module}.nf4.{f}" in self._residual}
-        for required in ("data", "shape", "absmax"):
-            if f"{module}.nf4.{required}" not in tensors:
-                raise QosoraError(f"{self.directory}: {module}.nf4.{required} is missing from the residual: "
-                                  "corrupt directory, re-run `qosora prepare`")
+        tensors = self._nf4_tensors(module, with_codes=True)
         return NF4Weight.from_tensors(tensors, f"{module}.nf4", q.blocksize, q.compute_dtype)
 
     def factors(self, module: str) -> dict[str, torch.Tensor]:
-        return {n: self._get(self._adapter, f"{module}.{n}") for n in self.spec.factors}
+        shapes = factor_shapes(*self.module_shape(module), self.config.prepare.rank)
+        return {n: self._checked(self._adapter, f"{module}.{n}", module, shapes[n]) for n in self.spec.factors}
 
     def adapted(self, module: str) -> AdaptedWeight:
-        """The module's stored function: residual, factors, method spec and bias."""
+        """The module's stored function: residual, factors, method spec and bias (each checked, see module doc)."""
         return AdaptedWeight(self.spec, self.residual(module), self.factors(module), self.bias(module))
+
+    def check(self) -> None:
+        """Shape and NaN/Inf checks of every module's factors and residual, without reading the packed NF4 codes."""
+        for module in self.modules:
+            self.factors(module)
+            if self.is_quantized():
+                self._nf4_tensors(module, with_codes=False)
+            else:
+                self.residual(module)
 
     def layer(self, module: str) -> SVDAdapterLinear:
         return SVDAdapterLinear(self.adapted(module), compute_dtype=self.config.prepare.quant.compute_dtype)
@@ -99,6 +123,37 @@ class PreparedReader:
         if name not in reader:
             raise QosoraError(f"{self.directory}: tensor {name} is missing: corrupt directory, re-run `qosora prepare`")
         return reader.get(name)
+
+    def _checked(self, reader: ShardReader, name: str, module: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name in reader and tuple(reader.shape(name)) != tuple(shape):
+            raise QosoraError(f"{self.directory}: {name} has shape {tuple(reader.shape(name))}, but module {module} "
+                              f"needs {tuple(shape)} (config.json, rank {self.config.prepare.rank}): corrupt directory, "
+                              "re-run `qosora prepare` or restore the file")
+        t = self._get(reader, name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise QosoraError(f"{self.directory}: module {module}: {name} holds {bad} NaN/Inf values (a diverged run "
+                              "or a corrupt file): retrain with a lower --lr, or use an earlier checkpoint")
+        return t
+
+    def _nf4_tensors(self, module: str, with_codes: bool) -> dict[str, torch.Tensor]:
+        """The NF4 parts of a module's residual (layout in qosora/nf4.py), each checked; `with_codes=False` skips the
+        packed codes (`data`, half a byte a weight), which cannot hold a NaN."""
+        d_out, d_in = self.module_shape(module)
+        n = d_out * d_in
+        blocks = -(-n // self.config.prepare.quant.blocksize)
+        prefix = f"{module}.nf4"
+        shapes = {"shape": (2,), "absmax": (blocks,)}
+        if with_codes:
+            shapes["data"] = ((n + 1) // 2,)  # two 4-bit codes a byte, stored flat
+        if f"{prefix}.absmax_scale" in self._residual:  # double quantization
+            shapes.update(absmax_scale=(-(-blocks // _DOUBLE_QUANT_BLOCK),), absmax_code=(256,), absmax_offset=())
+        tensors = {f"{prefix}.{f}": self._checked(self._residual, f"{prefix}.{f}", module, shape)
+                   for f, shape in shapes.items()}
+        if tensors[f"{prefix}.shape"].tolist() != [d_out, d_in]:
+            raise QosoraError(f"{self.directory}: {prefix}.shape is {tensors[f'{prefix}.shape'].tolist()}, but module "
+                              f"{module} is {d_out} x {d_in} (config.json): corrupt directory, re-run `qosora prepare`")
+        return tensors
 
 
 def write_adapter(layers: dict[str, SVDAdapterLinear], out_dir: Path, adapter_dtype: str) -> None:

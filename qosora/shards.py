@@ -51,6 +51,8 @@ def read_header(path: Path) -> tuple[dict, int]:
 def _check_entry(name: str, info, data_bytes: int) -> None:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise ValueError(f"tensor {name!r}: entry without dtype, shape and data_offsets")
+    if not isinstance(info["dtype"], str):
+        raise ValueError(f"tensor {name!r}: dtype {info['dtype']!r} is not a name")
     offsets, shape = info["data_offsets"], info["shape"]
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
@@ -79,7 +81,8 @@ class ShardReader:
     def __init__(self, directory: str | Path, prefix: str = "model"):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise QosoraError(f"model directory {self.directory} does not exist: pass a local Hugging Face model directory")
+            what = "is a file, not a directory" if self.directory.exists() else "does not exist"
+            raise QosoraError(f"model directory {self.directory} {what}: pass a local Hugging Face model directory")
         index = self.directory / f"{prefix}.safetensors.index.json"
         single = self.directory / f"{prefix}.safetensors"
         if index.is_file():
@@ -120,6 +123,10 @@ class ShardReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][2]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name (F32, BF16, U8, ...)."""
+        return self._entries[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         path, dtype, shape, start, end = self._entries[name]

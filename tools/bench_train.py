@@ -71,7 +71,7 @@ def build(kind: str, prepared: str | None):
         from qosora.loading import load
         from qosora.layer import adapter_layers
         from qosora.train.data import Batch
-        from qosora.train.loop import trainable_parameters
+        from qosora.train.params import trainable_parameters
         from qosora.train.loss import causal_lm_loss
         from qosora.train.regularizer import add_regularizer_grad
 

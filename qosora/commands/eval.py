@@ -10,27 +10,23 @@ DIR: a trained/prepared qosora directory, or a Hugging Face model directory (e.g
 
 
 def add_parser(sub) -> None:
+    from qosora.evaluation import EvalOptions
+    from qosora.options import add_arguments
+
     p = add_verb(sub, "eval", "Held-out loss, perplexity or GSM8K-style exact match of a model.", EXAMPLE, run)
     p.add_argument("model_dir", metavar="DIR")
-    p.add_argument("--data", required=True, help="JSONL in any `qosora train` format")
-    p.add_argument("--metric", choices=["loss", "ppl", "exact-match"], default="loss")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="exact-match generation length")
-    p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    add_arguments(p, EvalOptions)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
 
 
 def run(args) -> int:
-    from qosora.evaluation import evaluate
+    from qosora.evaluation import EvalOptions, run_eval
+    from qosora.options import from_args
 
-    report = evaluate(args.model_dir, args.data, args.metric, seq_len=args.seq_len, batch_size=args.batch_size,
-                      limit=args.limit, max_new_tokens=args.max_new_tokens, device=args.device,
-                      progress=not args.json)
+    report = run_eval(args.model_dir, from_args(EvalOptions, args), progress=not args.json)
     if args.json:
         print_json(report.to_dict())
-    elif args.metric == "exact-match":
+    elif report.metric == "exact-match":
         print(f"exact match {report.value:.4f} on {report.examples} examples")
     else:
         print(f"loss {report.loss:.4f}   ppl {report.ppl:.3f}   ({report.examples} examples, {report.tokens} tokens)")

@@ -20,8 +20,10 @@ def _fmt(x, spec=".4f"):
 
 
 def run(args) -> int:
-    from qosora.inspection import inspect, plot
+    from qosora.inspection import check_plot_path, inspect, plot
 
+    if args.plot:
+        check_plot_path(args.plot)
     report = inspect(args.directory)
     if args.plot:
         plot(report, args.plot)

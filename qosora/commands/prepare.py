@@ -40,5 +40,7 @@ def run(args) -> int:
         print(f"prepared {report.layers} linears ({report.method}, rank {report.rank}) -> {report.out_dir} "
               f"in {report.seconds:.1f} s")
         print(f"  trainable params {report.trainable_params:,}   frozen params {report.frozen_params:,}")
-        print(f"  mean relative error {report.mean_rel_error:.4f}   plain NF4 {report.mean_rel_error_plain_nf4:.4f}")
+        plain = report.mean_rel_error_plain_nf4
+        print(f"  mean relative error {report.mean_rel_error:.4f}   plain NF4 "
+              f"{'-' if plain is None or plain != plain else format(plain, '.4f')}")
     return 0

@@ -6,7 +6,6 @@ onnxruntime-genai and optimum order their outputs differently.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -14,8 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from qosora.architectures import read_json_object
+from qosora.errors import QosoraError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+# What InferenceSession raises for a truncated, corrupt or incomplete model.onnx / model.onnx.data.
+_LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidGraph, ort_errors.NoSuchFile,
+                ort_errors.InvalidArgument, ort_errors.RuntimeException, ort_errors.NotImplemented, OSError)
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
@@ -49,9 +55,17 @@ class OnnxCausalLM:
         self.model_dir = Path(model_dir)
         path = self.model_dir / "model.onnx"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass a directory written by `qosora export --onnx`")
-        self.session = ort.InferenceSession(str(path), session_options(threads, spinning),
-                                            providers=providers or ["CPUExecutionProvider"])
+            raise QosoraError(f"{path} not found: pass a directory written by `qosora export --onnx`")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise QosoraError(f"--threads must be a positive integer, got {threads!r}")
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads, spinning),
+                                                providers=providers or ["CPUExecutionProvider"])
+        except _LOAD_ERRORS as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QosoraError(f"{path} (or its model.onnx.data) cannot be loaded by onnxruntime {ort.__version__} "
+                              f"({first}): the export is truncated or incomplete (re-run `qosora export`), or needs a "
+                              "newer onnxruntime (qosora needs >= 1.27)") from None
         self.past_names: dict[str, tuple[int, str]] = {}
         for i in self.session.get_inputs():
             m = _PAST.match(i.name)
@@ -63,6 +77,11 @@ class OnnxCausalLM:
         self.num_layers = len(self.past_names) // 2
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        missing = {"input_ids", "attention_mask", "position_ids"} - self.input_names
+        if missing or "logits" not in self.output_names or not self.past_names:
+            raise QosoraError(f"{path} is not a qosora decoder export (inputs {sorted(self.input_names)[:4]}...): "
+                              "pass a directory written by `qosora export --onnx`")
+        self.context_length = self._context_length()
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -86,7 +105,18 @@ class OnnxCausalLM:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...] = (),
                  temperature: float = 0.0, seed: int = 0, times: StepTimes | None = None) -> list[int]:
-        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new token ids."""
+        """Greedy (temperature 0) or sampled continuation of one prompt; returns the new token ids.
+
+        Decoding stops at the model's context (config.json's max_position_embeddings): the rotary tables of the
+        graph end there. A prompt that already fills the context is refused.
+        """
+        if not prompt_ids:
+            raise QosoraError("the prompt encodes to no tokens: pass a non-empty --prompt")
+        if self.context_length is not None:
+            if len(prompt_ids) >= self.context_length:
+                raise QosoraError(f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                                  f"{self.context_length} (max_position_embeddings): shorten the prompt")
+            max_new_tokens = min(max_new_tokens, self.context_length - len(prompt_ids))
         rng = np.random.default_rng(seed)
         ids = np.asarray([prompt_ids], dtype=np.int64)
         mask = np.ones_like(ids)
@@ -109,7 +139,14 @@ class OnnxCausalLM:
 
     def generation_config(self) -> dict:
         path = self.model_dir / "generation_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json_object(path, "re-run `qosora export`") if path.is_file() else {}
+
+    def _context_length(self) -> int | None:
+        path = self.model_dir / "config.json"
+        if not path.is_file():
+            return None
+        n = read_json_object(path, "re-run `qosora export`").get("max_position_embeddings")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
 
 def _pick(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
