@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 from qosora.errors import QosoraError
-from qosora.options import check, option
+from qosora.options import check, option, same_option
+from qosora.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from qosora.train.data import Example
@@ -37,8 +38,8 @@ class EvalOptions:
 
     data: str = option(help="JSONL in any `qosora train` format")
     metric: Metric = option("loss", "loss, ppl, or exact-match (GSM8K-style)")
-    seq_len: int = option(1024, "truncate examples to this many tokens", min=2)
-    batch_size: int = option(4, "examples per batch", min=1)
+    seq_len: int = same_option(TrainConfig, "seq_len", default=1024)
+    batch_size: int = same_option(TrainConfig, "batch_size")
     limit: int | None = option(None, "evaluate only the first N records", min=1)
     max_new_tokens: int = option(256, "exact-match generation length", min=1)
     device: str | None = option(None, "default: cuda if present, else cpu")
@@ -143,20 +144,8 @@ class EvalReport:
         return asdict(self)
 
 
-def load_tokenizer(directory: Path):
-    """The directory's tokenizer, by a class transformers ships (an `auto_map` to custom code is refused)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QosoraError(f"{directory}: no tokenizer transformers can load without custom code ({first}): copy the "
-                          "source model's tokenizer.json and tokenizer_config.json into it") from None
-
-
 def load_model_and_tokenizer(directory: str | Path, device, dtype):
-    from qosora.loading import load, load_hf
+    from qosora.loading import load, load_hf, load_tokenizer
 
     directory = Path(directory)
     if (directory / "qosora_config.json").is_file():
@@ -183,7 +172,7 @@ def run_eval(directory: str | Path, options: EvalOptions, progress: bool = True)
     """Evaluate `directory` as `options` say; every option is checked before the model is loaded."""
     import torch
 
-    from qosora.loading import resolve_device
+    from qosora.precision import resolve_device
     from qosora.precision import bf16_supported
     from qosora.train.data import load_examples, read_jsonl
 

@@ -23,19 +23,6 @@ from qosora.prepared import PreparedReader
 from qosora.shards import ShardReader
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is a QosoraError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise QosoraError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QosoraError(f"--device {device} but this machine has no CUDA device: use --device cpu")
-    return dev
-
-
 def _rebuild_rotary(model: torch.nn.Module) -> None:
     # Rotary embeddings hold non-persistent buffers (inv_freq) that a meta-device model leaves empty.
     for name, module in list(model.named_modules()):
@@ -98,16 +85,29 @@ def _is_adapted_bias(name: str, modules: set[str]) -> bool:
     return name.endswith(".bias") and name[: -len(".bias")] in modules
 
 
-def _auto_config(directory: Path):
-    """transformers' config class for config.json's model_type; an `auto_map` to custom code is never followed."""
-    from transformers import AutoConfig
-
+def builtin_from_pretrained(loader, directory: Path, problem: str, fix: str):
+    """`loader.from_pretrained(directory)` with classes transformers ships only (an `auto_map` to custom code is never
+    followed: trust_remote_code=False); a failure is one line naming `problem` and `fix`."""
     try:
-        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        return loader.from_pretrained(directory, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QosoraError(f"{directory}/config.json cannot be read by transformers ({first}): qosora runs only the "
-                          "architectures transformers ships, never custom code") from None
+        raise QosoraError(f"{directory}: {problem} ({first}): {fix}") from None
+
+
+def _auto_config(directory: Path):
+    from transformers import AutoConfig
+
+    return builtin_from_pretrained(AutoConfig, directory, "config.json cannot be read by transformers",
+                                   "qosora runs only the architectures transformers ships, never custom code")
+
+
+def load_tokenizer(directory: Path):
+    """The directory's tokenizer, by a class transformers ships."""
+    from transformers import AutoTokenizer
+
+    return builtin_from_pretrained(AutoTokenizer, directory, "no tokenizer transformers can load without custom code",
+                                   "copy the source model's tokenizer.json and tokenizer_config.json into it")
 
 
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

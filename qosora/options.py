@@ -31,6 +31,17 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None, 
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def same_option(cls, name: str, **changes):
+    """A field declared like `cls.name` (help, flag, bounds, default), for an option two dataclasses share:
+    `qosora plan`'s seq_len is the training run's `seq_len`, with its own default."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kw = {"default": f.default, "help": f.metadata.get("help", ""), "flag": f.metadata.get("flag"),
+          "min": f.metadata.get("min"), "gt": f.metadata.get("gt"), "max": f.metadata.get("max"),
+          "cli": f.metadata.get("cli", True)}
+    kw.update(changes)
+    return option(kw.pop("default"), kw.pop("help"), **kw)
+
+
 def choices(tp) -> tuple | None:
     """The values of a Literal type (also inside `X | None`), else None."""
     tp = _strip_optional(tp)

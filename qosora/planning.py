@@ -31,8 +31,8 @@ from typing import Literal
 from qosora.architectures import config_sizes, read_json_object
 from qosora.config import ALL_TARGETS, Method, PrepareConfig
 from qosora.errors import QosoraError
-from qosora.options import check, option
-from qosora.train.config import Optim
+from qosora.options import check, option, same_option
+from qosora.train.config import Optim, TrainConfig
 
 Device = Literal["cuda", "cpu"]
 
@@ -104,13 +104,13 @@ class PlanOptions:
     """What `qosora plan` predicts: a model (`config`) and the training run's shape."""
 
     config: str = option(help="llama-2-7b | llama-3-8b | qwen2.5-7b | CONFIG.json | MODEL_DIR")
-    method: Method = option("sorsa", "adapter method")
-    rank: int = option(64, "adapter rank r", min=1)
-    seq_len: int = option(2048, "tokens per example", min=1)
-    batch_size: int = option(1, "examples per micro-batch", min=1)
-    optim: Optim = option("adamw", "optimizer; the 8-bit variants count only on CUDA")
-    gradient_checkpointing: bool = option(False, "recompute each layer in backward")
-    chunked_loss: bool = option(True, "plan without the chunked cross-entropy", flag="--full-logits")
+    method: Method = same_option(PrepareConfig, "method")
+    rank: int = same_option(PrepareConfig, "rank")
+    seq_len: int = same_option(TrainConfig, "seq_len", default=2048, min=1)
+    batch_size: int = same_option(TrainConfig, "batch_size", default=1)
+    optim: Optim = same_option(TrainConfig, "optim")
+    gradient_checkpointing: bool = same_option(TrainConfig, "gradient_checkpointing")
+    chunked_loss: bool = same_option(TrainConfig, "chunked_loss")
     targets: str | None = option(None, "comma list: q,k,v,o,gate,up,down (default: all)")
     device: Device = option("cuda", "cpu: peak RSS of a CPU run")
     bf16: bool = option(True, "16-bit non-adapted weights (fp32 where the hardware has no bf16)", cli=False)

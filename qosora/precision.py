@@ -1,4 +1,4 @@
-"""Which float precision a device computes in natively, and the autocast context that uses it.
+"""Which device a verb runs on, which float precision it computes in natively there, and the autocast context.
 
 bf16 autocast pays only where the hardware has bf16 arithmetic: CUDA sm80+, and CPUs with AVX512-BF16 or AMX.
 On an AVX2-only CPU a bf16 matmul of SmolLM2's MLP shape took 43.9 ms against 8.1 ms in fp32 (5.4x slower), so
@@ -10,6 +10,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+
+from qosora.errors import QosoraError
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -25,3 +27,16 @@ def bf16_supported(device: torch.device) -> bool:
 
 def autocast_context(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device`, or cuda when there is one, else cpu; a CUDA device on a machine without one is a QosoraError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QosoraError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QosoraError(f"--device {device} but this machine has no CUDA device: use --device cpu")
+    return dev

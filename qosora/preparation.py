@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from qosora import __version__
 from qosora.architectures import check_config_matches_weights, check_supported, layer_index, parse_linear, read_hf_config
 from qosora.files import atomic_directory, copy_side_files
-from qosora.loading import resolve_device
+from qosora.precision import resolve_device
 from qosora.prepared import STATS_NAME
 from qosora.shards import ShardedWriter, ShardReader
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig

@@ -140,6 +140,63 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = 128) -> None:
     tok.save(str(Path(directory) / "tokenizer.json"))
 
 
+def save_word_tokenizer(directory: Path, *, raw: bool = False) -> None:
+    """A word-level tokenizer over w0..w127 (id i for "wi", unknown words -> w3), loadable offline.
+
+    By default a transformers tokenizer (pad w0, bos w1, eos w2, unk w3) saved with `save_pretrained`, which
+    AutoTokenizer loads; raw=True writes only the bare `tokenizer.json` (no special tokens registered, so "w35" stays
+    one token), which is what the torch-free deploy path reads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w3"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if raw:
+        tok.save(str(Path(directory) / "tokenizer.json"))
+        return
+    from transformers import PreTrainedTokenizerFast
+
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2",
+                            unk_token="w3").save_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driving the CLI
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`qosora ARGS...` in-process (each arg str()-ed); returns (exit code, stdout, stderr) of this call alone."""
+    from qosora.cli import main
+
+    capsys.readouterr()  # drop what fixtures printed
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def files_under(root: Path) -> set[str]:
+    """Every path below root, hidden temporaries included (compare before and after to see nothing was written)."""
+    return {p.relative_to(root).as_posix() for p in Path(root).rglob("*")}
+
+
+def assert_one_line_error(rc: int, out: str, err: str, verb: str, *needles: str, status: bool = False,
+                          empty_out: bool = True) -> None:
+    """Exit 2 with exactly one non-empty stderr line, `qosora VERB: error: ...`, holding every needle; stdout empty
+    (under --json: nothing rather than a partial or non-JSON stdout).
+
+    status=True lets status lines without ': error: ' (progress, warnings) precede the error line;
+    empty_out=False leaves stdout unchecked."""
+    assert rc == 2, (rc, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    if status:
+        assert lines and not any(": error: " in line for line in lines[:-1]), err
+        lines = lines[-1:]
+    assert len(lines) == 1 and lines[0].startswith(f"qosora {verb}: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    if empty_out:
+        assert out == "", out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training data and prepared directories
 
@@ -166,8 +223,10 @@ def reversal_data(path: Path, n: int = 64, seed: int = 0) -> Path:
 TRAIN_MODEL = dict(intermediate_size=128)  # the training tests' thresholds were set on this shape
 
 
-def make_prepared(tmp: Path, method: str, rank: int = 8, quant: str = "nf4") -> Path:
-    """`qosora prepare` of the tiny char-tokenizer Llama in `tmp/hf` (built on first use) into `tmp/prep-...`."""
+def make_prepared(tmp: Path, method: str, rank: int = 8, quant: str = "nf4", targets: tuple[str, ...] | None = None
+                  ) -> Path:
+    """`qosora prepare` of the tiny char-tokenizer Llama in `tmp/hf` (built on first use; a model already there is
+    used as is) into `tmp/prep-...`; `targets` (e.g. ("q_proj", "v_proj")) defaults to every linear."""
     from qosora.config import PrepareConfig, QuantConfig
     from qosora.preparation import prepare
 
@@ -175,7 +234,9 @@ def make_prepared(tmp: Path, method: str, rank: int = 8, quant: str = "nf4") -> 
     if not (src / "config.json").is_file():
         build_tiny_model(src, tokenizer=char_tokenizer(), **TRAIN_MODEL)
     out = tmp / f"prep-{method}-{quant}"
-    prepare(src, out, PrepareConfig(method=method, rank=rank, quant=QuantConfig(quant_type=quant)), progress=False)
+    fields = {} if targets is None else {"targets": tuple(targets)}
+    prepare(src, out, PrepareConfig(method=method, rank=rank, quant=QuantConfig(quant_type=quant), **fields),
+            progress=False)
     return out
 
 

@@ -10,41 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model
-from qosora.cli import main
+from conftest import assert_one_line_error, build_tiny_model, files_under, run_cli, save_word_tokenizer
 from qosora.evaluation import EvalOptions, evaluate
 from qosora.loading import load_hf
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in Path(root).rglob("*")}
-
-
-def assert_one_line_error(rc, out, err, *needles):
-    assert rc == 2, (rc, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qosora eval: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert out == "", out
-
-
-def save_word_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer over w0..w127 that AutoTokenizer loads offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2",
-                            unk_token="w3").save_pretrained(directory)
 
 
 def hf_dir(tmp_path: Path, tied: bool = False, name: str = "hf") -> tuple[Path, torch.nn.Module]:
@@ -65,7 +33,7 @@ def data(tmp_path) -> Path:
 def eval_fails(capsys, tmp_path, directory, data, *needles, extra=()):
     before = files_under(tmp_path)
     rc, out, err = run_cli(capsys, "eval", directory, "--data", data, "--json", *extra)
-    assert_one_line_error(rc, out, err, *needles)
+    assert_one_line_error(rc, out, err, "eval", *needles)
     assert files_under(tmp_path) == before
 
 

@@ -10,34 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
-from qosora.cli import main
+from conftest import assert_one_line_error, build_tiny_model, run_cli, save_word_tokenizer
 
 CONTEXT = 256  # the tiny model's max_position_embeddings
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, out, err, *needles):
-    assert rc == 2, (rc, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qosora generate: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert out == "", out
-
-
-def write_word_tokenizer(directory: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w3"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(directory / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +21,7 @@ def exported(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("gen")
     build_tiny_model(root / "hf", "llama", weight_std=0.15)
-    write_word_tokenizer(root / "hf")
+    save_word_tokenizer(root / "hf", raw=True)
     export_onnx(root / "hf", root / "onnx", options=ExportOptions(format="fp32"), check=False, progress=False)
     assert json.loads((root / "onnx" / "config.json").read_text())["max_position_embeddings"] == CONTEXT
     return root / "onnx"
@@ -66,13 +41,13 @@ def words(n: int) -> str:
 def test_missing_tokenizer(copy, capsys):
     (copy / "tokenizer.json").unlink()
     rc, out, err = run_cli(capsys, "generate", copy, "--prompt", "w5 w6", "--json")
-    assert_one_line_error(rc, out, err, "tokenizer.json not found")
+    assert_one_line_error(rc, out, err, "generate", "tokenizer.json not found")
 
 
 def test_corrupt_tokenizer(copy, capsys):
     (copy / "tokenizer.json").write_text("{\"not\": \"a tokenizer\"}")
     rc, out, err = run_cli(capsys, "generate", copy, "--prompt", "w5 w6", "--json")
-    assert_one_line_error(rc, out, err, "tokenizer.json cannot be read")
+    assert_one_line_error(rc, out, err, "generate", "tokenizer.json cannot be read")
 
 
 @pytest.mark.parametrize("name, keep", [("model.onnx", 0.5), ("model.onnx", 0.0), ("model.onnx.data", 0.5),
@@ -82,24 +57,24 @@ def test_truncated_model_files(copy, capsys, name, keep):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     rc, out, err = run_cli(capsys, "generate", copy, "--prompt", "w5 w6", "--json")
-    assert_one_line_error(rc, out, err, "cannot be loaded by onnxruntime", "re-run `qosora export`")
+    assert_one_line_error(rc, out, err, "generate", "cannot be loaded by onnxruntime", "re-run `qosora export`")
 
 
 def test_missing_data_file(copy, capsys):
     (copy / "model.onnx.data").unlink()
     rc, out, err = run_cli(capsys, "generate", copy, "--prompt", "w5 w6", "--json")
-    assert_one_line_error(rc, out, err, "cannot be loaded by onnxruntime")
+    assert_one_line_error(rc, out, err, "generate", "cannot be loaded by onnxruntime")
 
 
 @pytest.mark.parametrize("prompt, needle", [("", "--prompt is empty"), ("   ", "encodes to no tokens")])
 def test_empty_prompt(exported, capsys, prompt, needle):
     rc, out, err = run_cli(capsys, "generate", exported, "--prompt", prompt, "--json")
-    assert_one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, "generate", needle)
 
 
 def test_prompt_that_fills_the_context(exported, capsys):
     rc, out, err = run_cli(capsys, "generate", exported, "--prompt", words(CONTEXT + 44), "--json")
-    assert_one_line_error(rc, out, err, f"has {CONTEXT + 44} tokens", f"context is {CONTEXT}")
+    assert_one_line_error(rc, out, err, "generate", f"has {CONTEXT + 44} tokens", f"context is {CONTEXT}")
 
 
 def test_decoding_stops_at_the_context(exported):
@@ -119,13 +94,13 @@ def test_decoding_stops_at_the_context(exported):
 ])
 def test_bad_options(exported, capsys, flags, needle):
     rc, out, err = run_cli(capsys, "generate", exported, "--prompt", "w5 w6", "--json", *flags)
-    assert_one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, "generate", needle)
 
 
 def test_generation_config_that_is_not_an_object(copy, capsys):
     (copy / "generation_config.json").write_text("[2]")
     rc, out, err = run_cli(capsys, "generate", copy, "--prompt", "w5 w6", "--json")
-    assert_one_line_error(rc, out, err, "generation_config.json", "JSON object")
+    assert_one_line_error(rc, out, err, "generate", "generation_config.json", "JSON object")
 
 
 def test_a_good_run_is_strict_json(exported, capsys):

@@ -11,44 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model
-from qosora.cli import main
-from qosora.config import PrepareConfig, QuantConfig
+from conftest import assert_one_line_error, build_tiny_model, files_under, make_prepared, run_cli
 from qosora.errors import QosoraError
-from qosora.preparation import prepare
 from qosora.prepared import PreparedReader
 
 MODULE = "model.layers.1.self_attn.v_proj"
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in Path(root).rglob("*")}
-
-
-def assert_one_line_error(rc, out, err, verb, *needles):
-    assert rc == 2, (rc, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"qosora {verb}: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert out == "", out
-
-
-def make_prepared(tmp_path: Path, method: str = "sorsa", quant: str = "nf4") -> Path:
-    src = tmp_path / "src"
-    if not src.exists():
-        build_tiny_model(src, "llama")
-    out = tmp_path / f"prep-{method}-{quant}"
-    prepare(src, out, PrepareConfig(method=method, rank=4, targets=("q_proj", "v_proj"),
-                                    quant=QuantConfig(quant_type=quant)), progress=False)
-    return out
+SMALL = dict(rank=4, targets=("q_proj", "v_proj"))
 
 
 def edit(path: Path, change) -> None:
@@ -67,53 +35,52 @@ def merge_fails(capsys, tmp_path, prepared, *needles):
 @pytest.mark.parametrize("method, factor", [("sorsa", "S"), ("osora", "O"), ("pissa", "B"), ("qlora", "A")])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_factor_fails_naming_the_module(tmp_path, capsys, method, factor, value):
-    prepared = make_prepared(tmp_path, method)
+    prepared = make_prepared(tmp_path, method, **SMALL)
     edit(prepared / "adapter.safetensors", lambda s: s[f"{MODULE}.{factor}"].view(-1).__setitem__(0, value))
     merge_fails(capsys, tmp_path, prepared, MODULE, "NaN/Inf")
 
 
 @pytest.mark.parametrize("part", ["absmax_offset", "absmax_scale", "absmax_code"])
 def test_non_finite_nf4_scales_fail_naming_the_module(tmp_path, capsys, part):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "residual.safetensors", lambda s: s[f"{MODULE}.nf4.{part}"].view(-1).__setitem__(0, float("nan")))
     merge_fails(capsys, tmp_path, prepared, MODULE, f"nf4.{part}", "NaN/Inf")
 
 
 def test_non_finite_dense_residual_fails_naming_the_module(tmp_path, capsys):
-    prepared = make_prepared(tmp_path, quant="none")
+    prepared = make_prepared(tmp_path, "sorsa", quant="none", **SMALL)
     edit(prepared / "residual.safetensors", lambda s: s[f"{MODULE}.residual"].__setitem__((0, 0), float("-inf")))
     merge_fails(capsys, tmp_path, prepared, MODULE, "NaN/Inf")
 
 
 def test_missing_factor(tmp_path, capsys):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "adapter.safetensors", lambda s: s.pop(f"{MODULE}.Vh"))
     merge_fails(capsys, tmp_path, prepared, f"{MODULE}.Vh is missing")
 
 
 @pytest.mark.parametrize("factor, shape", [("S", (5,)), ("U", (32, 5)), ("Vh", (4, 63)), ("U", (4, 32))])
 def test_mis_shaped_factor(tmp_path, capsys, factor, shape):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "adapter.safetensors", lambda s: s.__setitem__(f"{MODULE}.{factor}", torch.zeros(shape)))
     merge_fails(capsys, tmp_path, prepared, f"{MODULE}.{factor} has shape {shape}", MODULE)
 
 
 def test_mis_shaped_residual_parts(tmp_path, capsys):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "residual.safetensors", lambda s: s.__setitem__(f"{MODULE}.nf4.absmax", s[f"{MODULE}.nf4.absmax"][:-1]))
     merge_fails(capsys, tmp_path, prepared, f"{MODULE}.nf4.absmax has shape")
 
 
 def test_mis_shaped_bias(tmp_path, capsys):
-    src = tmp_path / "src"
-    build_tiny_model(src, "qwen2")
-    prepared = make_prepared(tmp_path)
+    build_tiny_model(tmp_path / "hf", "qwen2")  # make_prepared's source, so it is not built as a llama
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "base.safetensors", lambda s: s.__setitem__(f"{MODULE}.bias", torch.zeros(7)))
     merge_fails(capsys, tmp_path, prepared, f"{MODULE}.bias has shape (7,)")
 
 
 def test_finite_adapter_that_overflows_float16_is_refused(tmp_path, capsys):
-    prepared = make_prepared(tmp_path, "pissa")
+    prepared = make_prepared(tmp_path, "pissa", **SMALL)
     edit(prepared / "adapter.safetensors", lambda s: s[f"{MODULE}.B"].mul_(1e8))
     before = files_under(tmp_path)
     rc, out, err = run_cli(capsys, "merge", prepared, "--out", tmp_path / "m", "--dtype", "float16", "--json")
@@ -126,14 +93,14 @@ def test_finite_adapter_that_overflows_float16_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("text", ["[]", "null", "{\"model_type\": \"llama\"}"])
 def test_config_json_not_an_object_or_incomplete(tmp_path, capsys, text):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     (prepared / "config.json").write_text(text)
     merge_fails(capsys, tmp_path, prepared, "config.json")
 
 
 @pytest.mark.parametrize("where", ["same", "inside"])
 def test_out_equal_to_or_inside_the_input_is_refused_with_overwrite(tmp_path, capsys, where):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     out = prepared if where == "same" else prepared / "merged"
     before = {p.name: p.read_bytes() for p in prepared.iterdir()}
     rc, stdout, err = run_cli(capsys, "merge", prepared, "--out", out, "--overwrite", "--json")
@@ -143,7 +110,7 @@ def test_out_equal_to_or_inside_the_input_is_refused_with_overwrite(tmp_path, ca
 
 def test_reader_check_does_not_read_the_packed_codes(tmp_path, monkeypatch):
     """`check()` (merge's pre-pass) reads factors and scales only; the 4-bit codes are read once, while merging."""
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     reader = PreparedReader(prepared)
     read = []
     original = type(reader._residual).get
@@ -153,7 +120,7 @@ def test_reader_check_does_not_read_the_packed_codes(tmp_path, monkeypatch):
 
 
 def test_inspect_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     real_import = builtins.__import__
 
     def no_matplotlib(name, *args, **kwargs):
@@ -169,20 +136,20 @@ def test_inspect_plot_without_matplotlib(tmp_path, capsys, monkeypatch):
 
 
 def test_inspect_plot_into_a_missing_directory(tmp_path, capsys):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     rc, out, err = run_cli(capsys, "inspect", prepared, "--json", "--plot", tmp_path / "no" / "s.png")
     assert_one_line_error(rc, out, err, "inspect", "does not exist")
 
 
 def test_inspect_of_a_nan_adapter_names_the_module(tmp_path, capsys):
-    prepared = make_prepared(tmp_path)
+    prepared = make_prepared(tmp_path, "sorsa", **SMALL)
     edit(prepared / "adapter.safetensors", lambda s: s[f"{MODULE}.S"].__setitem__(0, float("nan")))
     rc, out, err = run_cli(capsys, "inspect", prepared, "--json")
     assert_one_line_error(rc, out, err, "inspect", MODULE)
 
 
 def test_reader_still_loads_a_healthy_directory_bit_exactly(tmp_path):
-    prepared = make_prepared(tmp_path, "osora")
+    prepared = make_prepared(tmp_path, "osora", **SMALL)
     reader = PreparedReader(prepared)
     reader.check()
     stored = load_file(prepared / "adapter.safetensors")

@@ -10,24 +10,9 @@ from typing import get_args
 
 import pytest
 
+from conftest import assert_one_line_error, run_cli
 from qosora.cli import main
 from qosora.planning import ModelDims, PlanOptions, plan, run_plan
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, out, err, *needles):
-    assert rc == 2, (rc, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qosora plan: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert out == "", out
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -45,7 +30,7 @@ def assert_one_line_error(rc, out, err, *needles):
 ])
 def test_bad_options_are_one_line_errors(capsys, flags, needle):
     rc, out, err = run_cli(capsys, "plan", "--config", "llama-2-7b", "--json", *flags)
-    assert_one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, "plan", needle)
 
 
 @pytest.mark.parametrize("text, needle", [
@@ -63,9 +48,9 @@ def test_config_that_is_not_a_llama_shaped_object(tmp_path, capsys, text, needle
     path = tmp_path / "config.json"
     path.write_text(text)
     rc, out, err = run_cli(capsys, "plan", "--config", path, "--json")
-    assert_one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, "plan", needle)
     rc, out, err = run_cli(capsys, "plan", "--config", tmp_path, "--json")  # a model directory reads the same file
-    assert_one_line_error(rc, out, err, needle)
+    assert_one_line_error(rc, out, err, "plan", needle)
 
 
 def test_never_a_negative_component_over_the_option_grid():

@@ -13,29 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import build_tiny_model
-from qosora.cli import main
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(root: Path) -> set[str]:
-    """Every path below root, hidden temporaries included."""
-    return {p.relative_to(root).as_posix() for p in Path(root).rglob("*")}
-
-
-def assert_one_line_error(rc: int, out: str, err: str, *needles: str) -> None:
-    assert rc == 2, (rc, out, err)
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("qosora prepare: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert out == "", out  # --json: nothing rather than a partial or non-JSON stdout
+from conftest import assert_one_line_error, build_tiny_model, files_under, run_cli
 
 
 @pytest.fixture
@@ -59,7 +37,7 @@ def edit_config(src: Path, **changes) -> None:
 def prepare_fails(capsys, tmp_path, src, *needles, extra=()):
     before = files_under(tmp_path)
     rc, out, err = run_cli(capsys, "prepare", src, "--rank", 4, "--out", tmp_path / "out", "--json", *extra)
-    assert_one_line_error(rc, out, err, *needles)
+    assert_one_line_error(rc, out, err, "prepare", *needles)
     assert files_under(tmp_path) == before  # no --out, no hidden .out.tmp-* directory
 
 
@@ -136,7 +114,7 @@ def test_out_that_overlaps_the_input_is_refused_even_with_overwrite(src, tmp_pat
     out = {"same": src, "inside": src / "prepared", "around": tmp_path}[where]
     before = {p: p.read_bytes() for p in src.iterdir()}
     rc, stdout, err = run_cli(capsys, "prepare", src, "--rank", 4, "--out", out, "--overwrite", "--json")
-    assert_one_line_error(rc, stdout, err, "would destroy the input")
+    assert_one_line_error(rc, stdout, err, "prepare", "would destroy the input")
     assert {p: p.read_bytes() for p in src.iterdir()} == before
 
 

@@ -11,21 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import build_tiny_model
-from qosora.cli import main
+from conftest import assert_one_line_error, build_tiny_model, files_under, run_cli
 from qosora.errors import QosoraError
 from qosora.shards import ShardReader
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def files_under(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in Path(root).rglob("*")}
 
 
 def write_raw(path: Path, header, data: bytes = b"") -> None:
@@ -96,7 +84,5 @@ def test_prepare_on_crafted_checkpoints_is_a_one_line_error(tmp_path, capsys, ca
         write_raw(src / "model.safetensors", header, bytes(16))
     before = files_under(tmp_path)
     rc, out, err = run_cli(capsys, "prepare", src, "--rank", 4, "--out", tmp_path / "out", "--json")
-    assert rc == 2 and out == ""
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("qosora prepare: error: "), err
+    assert_one_line_error(rc, out, err, "prepare")
     assert files_under(tmp_path) == before

@@ -10,29 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qosora.cli import main
-from qosora.config import PrepareConfig
 from qosora.errors import QosoraError
 from qosora.prepared import PreparedReader
 from qosora.train.loop import TrainConfig, finetune
 
-from conftest import TRAIN_MODEL, build_tiny_model, char_tokenizer, make_prepared, reversal_data, write_jsonl
+from conftest import (TRAIN_MODEL, assert_one_line_error, build_tiny_model, char_tokenizer, make_prepared,
+                      reversal_data, run_cli, write_jsonl)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def cli(args, capsys):
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err, *needles):
-    lines = [l for l in err.strip().splitlines() if ": error: " in l]
-    assert rc == 2 and len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def leftovers(parent: Path, name: str) -> list[str]:
@@ -53,13 +38,13 @@ def train_args(model, data, out, *extra):
 def test_stale_prepared_from_another_method_is_not_reused(tmp_path, hf, capsys):
     data, out = reversal_data(tmp_path / "d.jsonl"), tmp_path / "R"
     # An earlier run with osora r4 that failed after preparing: OUT holds only prepared/.
-    rc, _, _ = cli(train_args(hf, data, out, "--method", "osora", "--rank", "4"), capsys)
+    rc, _, _ = run_cli(capsys, *train_args(hf, data, out, "--method", "osora", "--rank", "4"))
     assert rc == 0
     (out / "train_config.json").unlink()
     for f in out.iterdir():
         if f.name != "prepared":
             (os.remove(f) if f.is_file() else __import__("shutil").rmtree(f))
-    rc, _, err = cli(train_args(hf, data, out, "--method", "sorsa", "--rank", "8"), capsys)
+    rc, _, err = run_cli(capsys, *train_args(hf, data, out, "--method", "sorsa", "--rank", "8"))
     assert rc == 0, err
     prepared = PreparedReader(out / "prepared").config.prepare
     assert (prepared.method, prepared.rank) == ("sorsa", 8)
@@ -69,14 +54,15 @@ def test_stale_prepared_from_another_method_is_not_reused(tmp_path, hf, capsys):
 def test_failed_train_leaves_no_out_and_unrelated_dirs_are_refused(tmp_path, hf, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n')
-    rc, _, err = cli(train_args(hf, bad, tmp_path / "R", "--method", "sorsa", "--rank", "4"), capsys)
-    one_line_error(rc, err, "bad.jsonl:2")
+    rc, out, err = run_cli(capsys, *train_args(hf, bad, tmp_path / "R", "--method", "sorsa", "--rank", "4"))
+    assert_one_line_error(rc, out, err, "train", "bad.jsonl:2")
     assert leftovers(tmp_path, "R") == []
     other = tmp_path / "photos"
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"\xff\xd8")
-    rc, _, err = cli(train_args(hf, reversal_data(tmp_path / "d.jsonl"), other, "--method", "sorsa", "--rank", "4"), capsys)
-    one_line_error(rc, err, "not a qosora run")
+    rc, out, err = run_cli(capsys, *train_args(hf, reversal_data(tmp_path / "d.jsonl"), other, "--method", "sorsa",
+                                               "--rank", "4"))
+    assert_one_line_error(rc, out, err, "train", "not a qosora run")
     assert sorted(p.name for p in other.iterdir()) == ["cat.jpg"]
 
 
@@ -89,9 +75,9 @@ def test_failed_train_leaves_no_out_and_unrelated_dirs_are_refused(tmp_path, hf,
     ("--eval-fraction", "0.9", "--eval-fraction must be <= 0.5"),
 ])
 def test_sign_flipping_and_non_finite_values_are_refused(tmp_path, hf, capsys, flag, value, needle):
-    rc, _, err = cli(train_args(hf, reversal_data(tmp_path / "d.jsonl"), tmp_path / "R", "--method", "sorsa",
-                                "--rank", "4", flag, value), capsys)
-    one_line_error(rc, err, needle)
+    rc, out, err = run_cli(capsys, *train_args(hf, reversal_data(tmp_path / "d.jsonl"), tmp_path / "R",
+                                               "--method", "sorsa", "--rank", "4", flag, value))
+    assert_one_line_error(rc, out, err, "train", needle)
     assert leftovers(tmp_path, "R") == []
 
 
@@ -101,16 +87,16 @@ def test_sign_flipping_and_non_finite_values_are_refused(tmp_path, hf, capsys, f
 ], ids=["truncated", "empty"])
 def test_training_that_can_learn_nothing_is_an_error(tmp_path, hf, capsys, rows):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    rc, _, err = cli(train_args(hf, data, tmp_path / "R", "--method", "sorsa", "--rank", "4"), capsys)
-    one_line_error(rc, err, "no example has a completion token within --seq-len 32")
+    rc, out, err = run_cli(capsys, *train_args(hf, data, tmp_path / "R", "--method", "sorsa", "--rank", "4"))
+    assert_one_line_error(rc, out, err, "train", "no example has a completion token within --seq-len 32")
     assert leftovers(tmp_path, "R") == []
 
 
 def test_out_equal_to_the_prepared_input_is_refused_before_anything_is_written(tmp_path, capsys):
     prepared = make_prepared(tmp_path, "sorsa")
     before = (prepared / "adapter.safetensors").read_bytes()
-    rc, _, err = cli(train_args(prepared, reversal_data(tmp_path / "d.jsonl"), prepared), capsys)
-    one_line_error(rc, err, "overwrite the input")
+    rc, out, err = run_cli(capsys, *train_args(prepared, reversal_data(tmp_path / "d.jsonl"), prepared))
+    assert_one_line_error(rc, out, err, "train", "overwrite the input")
     assert (prepared / "adapter.safetensors").read_bytes() == before
 
 
@@ -153,14 +139,15 @@ def test_corrupt_train_config_on_resume_is_an_error(tmp_path, capsys):
     prepared, data = make_prepared(tmp_path, "sorsa"), reversal_data(tmp_path / "d.jsonl")
     finetune(prepared, _run(prepared, data, tmp_path / "R"), progress=False, stop_after=2)
     (tmp_path / "R" / "train_config.json").write_text("{not json")
-    rc, _, err = cli(train_args(prepared, data, tmp_path / "R", "--save-every", "2", "--resume"), capsys)
-    one_line_error(rc, err, "train_config.json is corrupt")
+    rc, out, err = run_cli(capsys, *train_args(prepared, data, tmp_path / "R", "--save-every", "2", "--resume"))
+    assert_one_line_error(rc, out, err, "train", "train_config.json is corrupt",
+                          status=True)  # the "computing in ..." status line comes first
     assert (tmp_path / "R" / "checkpoints").is_dir()  # a resumable run is never removed
 
 
 def test_json_stdout_is_strict_json_alone(tmp_path, capsys):
     prepared, data = make_prepared(tmp_path, "sorsa"), reversal_data(tmp_path / "d.jsonl")
-    rc, out, err = cli(train_args(prepared, data, tmp_path / "R", "--optim", "adamw8bit", "--json"), capsys)
+    rc, out, err = run_cli(capsys, *train_args(prepared, data, tmp_path / "R", "--optim", "adamw8bit", "--json"))
     assert rc == 0, err
     result = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert result["steps"] == 1 and "adamw8bit needs CUDA" in err
@@ -168,7 +155,7 @@ def test_json_stdout_is_strict_json_alone(tmp_path, capsys):
 
 def test_no_bf16_computes_adapted_layers_in_fp32(tmp_path, capsys):
     prepared, data = make_prepared(tmp_path, "sorsa"), reversal_data(tmp_path / "d.jsonl")
-    rc, _, err = cli(train_args(prepared, data, tmp_path / "R", "--no-bf16"), capsys)
+    rc, _, err = run_cli(capsys, *train_args(prepared, data, tmp_path / "R", "--no-bf16"))
     assert rc == 0 and "computing in fp32" in err, err
 
 
@@ -178,8 +165,8 @@ def test_demo_validates_before_touching_out_and_replaces_only_its_own(tmp_path, 
     d = tmp_path / "D"
     d.mkdir()
     (d / "keep.txt").write_text("mine")
-    rc, _, err = cli(["demo", "--out", d, "--overwrite", "--rank", "0"], capsys)
-    one_line_error(rc, err, "--rank must be >= 1")
+    rc, out, err = run_cli(capsys, "demo", "--out", d, "--overwrite", "--rank", "0")
+    assert_one_line_error(rc, out, err, "demo", "--rank must be >= 1")
     assert (d / "keep.txt").read_text() == "mine"
     with pytest.raises(QosoraError, match="already exists"):
         _claim(d, overwrite=False)

@@ -17,6 +17,14 @@ def add_verb(sub, name: str, help: str, example: str, func) -> argparse.Argument
     return p
 
 
+def add_output_flags(p: argparse.ArgumentParser, out_flag: str = "--out", what: str = "output directory") -> None:
+    """The flags every writing verb shares: where (written atomically, never over its input), replace, JSON."""
+    p.add_argument(out_flag, required=True, metavar="OUT", dest=out_flag.lstrip("-"),
+                   help=f"{what} (written atomically; never the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def _finite(obj):
     """NaN / inf -> null: `--json` output must parse as strict JSON (RFC 8259 has no NaN)."""
     if isinstance(obj, float):

@@ -5,7 +5,7 @@ them loads no onnx, so `--help` stays fast."""
 
 from __future__ import annotations
 
-from qosora.commands._common import add_verb, print_json
+from qosora.commands._common import add_output_flags, add_verb, print_json
 from qosora.export.options import ExportOptions
 from qosora.options import add_arguments, from_args
 
@@ -17,20 +17,23 @@ def add_parser(sub) -> None:
         "qosora export run/ --onnx out/ --format int4 --block-size 32", run,
     )
     p.add_argument("directory", help="trained/prepared qosora directory, or a plain Hugging Face model directory")
-    p.add_argument("--onnx", required=True, metavar="OUT", help="output directory (written atomically)")
     add_arguments(p.add_argument_group("export options"), ExportOptions)
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
     p.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared per prompt (default 16)")
     p.add_argument("--trt-max-batch", type=int, default=1)
     p.add_argument("--trt-max-context", type=int, default=4096)
-    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
-    p.add_argument("--json", action="store_true", help="print the export report as JSON")
+    add_output_flags(p, "--onnx", what="ONNX output directory")
 
 
 def run(args) -> int:
     from qosora.export.api import export_onnx
+    from qosora.errors import QosoraError
     from qosora.export.check import format_table
 
+    for flag, value, low in (("--check-tokens", args.check_tokens, 0), ("--trt-max-batch", args.trt_max_batch, 1),
+                             ("--trt-max-context", args.trt_max_context, 1)):
+        if value < low:
+            raise QosoraError(f"{flag} must be >= {low}, got {value}")
     report = export_onnx(args.directory, args.onnx, options=from_args(ExportOptions, args), check=not args.no_check,
                          check_new_tokens=args.check_tokens, overwrite=args.overwrite, progress=not args.json,
                          trt_max_batch=args.trt_max_batch, trt_max_context=args.trt_max_context)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import get_args
 
-from qosora.commands._common import add_verb, print_json
+from qosora.commands._common import add_output_flags, add_verb, print_json
 from qosora.config import Dtype
 
 
@@ -14,10 +14,8 @@ def add_parser(sub) -> None:
         "qosora merge run/ --out merged/ --dtype bfloat16", run,
     )
     p.add_argument("directory", help="prepared or trained directory")
-    p.add_argument("--out", required=True, help="output directory (written atomically; never the input)")
     p.add_argument("--dtype", default="float32", choices=get_args(Dtype), help="dtype of the merged weights")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_output_flags(p, what="merged Hugging Face checkpoint directory")
 
 
 def run(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qosora.commands._common import add_verb, print_json
+from qosora.commands._common import add_output_flags, add_verb, print_json
 from qosora.config import ALL_TARGETS, PrepareConfig, QuantConfig, SVDConfig
 from qosora.options import add_arguments, from_args
 
@@ -13,15 +13,13 @@ def add_parser(sub) -> None:
         "qosora prepare ./SmolLM2-135M --method sorsa --rank 64 --out prepared/", run,
     )
     p.add_argument("model_dir", help="local Hugging Face model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
     add_arguments(p, PrepareConfig)
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list: q,k,v,o,gate,up,down (default: all)")
     add_arguments(p.add_argument_group("NF4 residual"), QuantConfig)
     p.add_argument("--no-quant", action="store_true", help="keep the residual dense (ablation / tests)")
     add_arguments(p.add_argument_group("SVD"), SVDConfig)
     p.add_argument("--device", default=None, help="where the SVD runs (default: cuda if present, else cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_output_flags(p, what="prepared directory")
 
 
 def run(args) -> int:

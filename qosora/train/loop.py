@@ -34,7 +34,7 @@ from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
 from qosora.errors import QosoraError
 from qosora.evaluation import eval_loss
 from qosora.layer import adapter_layers
-from qosora.loading import load
+from qosora.loading import load, load_tokenizer
 from qosora.methods import METHOD_SPECS, MethodSpec
 from qosora.precision import autocast_context, bf16_supported
 from qosora.prepared import save_trained
@@ -119,9 +119,7 @@ def finetune(
 
 # --- set-up --------------------------------------------------------------------------------------------------
 def _setup_data(model_dir: Path, config: TrainConfig) -> tuple[int, list[Example], list[Example]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    tokenizer = load_tokenizer(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     examples = _with_labels(load_examples(config.data, tokenizer, config.seq_len), config.data, config.seq_len)
     train_ex, eval_ex = split_holdout(examples, config.eval_fraction, config.seed)
