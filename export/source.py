@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from qosora.errors import QosoraError
+from qosora.precision import all_finite
 
 if TYPE_CHECKING:
     from qosora.nf4 import NF4Parts
@@ -56,7 +57,7 @@ def _f32(t, name: str) -> np.ndarray:
     """torch tensor (any float dtype, bf16 included) or array -> float32 numpy; NaN / inf is refused, naming `name`
     (a NaN weight would export, pass an unguarded check, and generate garbage)."""
     a = t.detach().float().cpu().numpy() if hasattr(t, "detach") else np.asarray(t, dtype=np.float32)
-    if not np.isfinite(a).all():
+    if not all_finite(a):
         raise QosoraError(f"{name} holds NaN or inf values: the checkpoint is corrupt or the run diverged "
                           "(retrain with a lower --lr); nothing was exported")
     return a

@@ -23,6 +23,7 @@ _API = {
     "PreparedReader": ("qosora.prepared", "PreparedReader"),
     "AdaptedWeight": ("qosora.adapted", "AdaptedWeight"),
     "merge": ("qosora.merging", "merge"),
+    "convert": ("qosora.interop.peft_out", "convert"),
     "inspect": ("qosora.inspection", "inspect"),
     "adapter_layers": ("qosora.layer", "adapter_layers"),
     "SVDAdapterLinear": ("qosora.layer", "SVDAdapterLinear"),

@@ -19,7 +19,7 @@ from qosora import __version__
 from qosora.errors import QosoraError
 from qosora.threads import configure_threads
 
-COMMANDS = ["demo", "prepare", "train", "merge", "export", "generate", "eval", "plan", "inspect"]
+COMMANDS = ["demo", "prepare", "train", "merge", "convert", "export", "generate", "eval", "plan", "inspect"]
 _OUTPUT_ARGS = ("out", "onnx")  # the verbs' output-directory flags
 
 

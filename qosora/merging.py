@@ -21,6 +21,7 @@ from qosora.files import atomic_directory, copy_side_files
 from qosora.prepared import PreparedReader
 from qosora.shards import ShardedWriter
 from qosora.errors import QosoraError
+from qosora.precision import all_finite
 from qosora.nf4 import DTYPES
 
 
@@ -47,7 +48,7 @@ def merge(
             module = name[: -len(".weight")]
             if name.endswith(".weight") and module in modules:
                 t = reader.adapted(module).merged().to(torch_dtype)
-                if not bool(torch.isfinite(t).all()):
+                if not all_finite(t):
                     raise QosoraError(f"module {module}: the merged weight overflows {dtype} (NaN/Inf after the cast): "
                                       "use --dtype float32 or bfloat16")
             else:

@@ -7,6 +7,7 @@ there the compute runs in fp32 while the factors are still stored and saved in b
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -40,3 +41,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QosoraError(f"--device {device} but this machine has no CUDA device: use --device cpu")
     return dev
+
+
+def all_finite(t) -> bool:
+    """No NaN or inf in a float tensor or array, without a temporary the tensor's size: a float64 sum is
+    non-finite exactly when an element is (float32 values cannot overflow a float64 sum)."""
+    if hasattr(t, "is_floating_point"):
+        return not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float64)))
+    import numpy as np
+
+    return t.dtype.kind != "f" or math.isfinite(float(np.add.reduce(t, axis=None, dtype=np.float64)))

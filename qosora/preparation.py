@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -26,17 +26,26 @@ from tqdm.auto import tqdm
 from qosora import __version__
 from qosora.architectures import check_config_matches_weights, check_supported, layer_index, parse_linear, read_hf_config
 from qosora.files import atomic_directory, copy_side_files
-from qosora.precision import resolve_device
+from qosora.precision import all_finite, resolve_device
 from qosora.prepared import STATS_NAME
 from qosora.shards import ShardedWriter, ShardReader
-from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
+from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig, QuantConfig
 from qosora.decompose import check_rank, principal_split, relative_error
 from qosora.errors import QosoraError
-from qosora.methods import METHOD_SPECS
-from qosora.nf4 import DTYPES, nf4_roundtrip, quantize_nf4
+from qosora.methods import METHOD_SPECS, Factors
+from qosora.nf4 import DTYPES, NF4Weight, nf4_roundtrip, quantize_nf4
 
 # (module name, weight shape) -> adapt it?
 FilterFn = Callable[[str, tuple[int, int]], bool]
+
+
+class ImportedFactors(Protocol):
+    """Factors brought from elsewhere instead of the method's initialisation (qosora.interop.peft_in)."""
+
+    source: dict  # merged into qosora_config.json's `source`: where the factors came from
+
+    def split(self, module: str, W: torch.Tensor) -> tuple[Factors, torch.Tensor]:
+        """(the method's factors, the principal the residual is W minus) of one module."""
 
 
 @dataclass
@@ -58,7 +67,7 @@ class PrepareReport:
 
 def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
     """A NaN or Inf in a weight would become a NaN layer (QLoRA) or an SVD failure: refuse it, naming the tensor."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise QosoraError(f"{where}: tensor {name} has {bad} NaN/Inf values: the checkpoint is corrupt; "
                           "re-download or re-save the model")
@@ -86,8 +95,13 @@ def select_modules(reader: ShardReader, config: PrepareConfig, filter_fn: Filter
     return sorted(modules, key=lambda m: (layer_index(m), m))
 
 
-def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int):
-    """One weight -> (residual to store, factors, stats). All math in fp32 on W's device.
+def module_seeds(seed: int, modules: list[str]) -> dict[str, int]:
+    """Each module's seed (its randomized SVD, QLoRA's A init): `seed` plus its index in layer order."""
+    return {m: seed + i for i, m in enumerate(modules)}
+
+
+def initial_factors(W: torch.Tensor, config: PrepareConfig, seed: int) -> tuple[Factors, list[float]]:
+    """The method's initial factors of one weight (adapter dtype, on W's device) and its top-r singular values.
 
     `seed` drives this module's randomized SVD and (QLoRA) its A init; no global RNG state is used, so modules can
     be decomposed concurrently and the result does not depend on the order.
@@ -96,34 +110,58 @@ def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int):
     generator = torch.Generator().manual_seed(seed)
     config = replace(config, svd=replace(config.svd, seed=seed))
     q = config.quant
-    quantized = q.quant_type == "nf4"
     roundtrip = lambda R: nf4_roundtrip(R, q.blocksize, q.double_quant, q.compute_dtype, q.scale)  # noqa: E731
     adapter_dtype = DTYPES[config.adapter_dtype]
     d_out, d_in = W.shape
     if spec.uses_svd:
-        principal, _ = principal_split(
-            W, config.rank, config.svd, store_dtype=adapter_dtype, quant_roundtrip=roundtrip if quantized else None
-        )
+        principal, _ = principal_split(W, config.rank, config.svd, store_dtype=adapter_dtype,
+                                       quant_roundtrip=roundtrip if q.quant_type == "nf4" else None)
         factors = spec.init(principal, d_out, d_in, config.rank, generator)
         singular_values = principal.S.float().tolist()
     else:
         factors = spec.init(None, d_out, d_in, config.rank, generator)
         singular_values = []
-    factors = {n: t.to(device=W.device, dtype=adapter_dtype) for n, t in factors.items()}
-    # The residual is W minus the adapter *as stored*, so residual + adapter == W exactly before quantization.
-    B, A = spec.lowrank(factors)
-    approx_principal = B @ A
-    residual = W.float() - approx_principal
+    return {n: t.to(device=W.device, dtype=adapter_dtype) for n, t in factors.items()}, singular_values
+
+
+def store_residual(W: torch.Tensor, principal: torch.Tensor, quant: QuantConfig) -> NF4Weight | torch.Tensor:
+    """W - principal as prepare stores it: NF4 under `quant` (blocks, double quantization, scale search), or dense
+    fp32 with `quant_type="none"`. `qosora convert --to lora` re-runs it to check a base model bit for bit."""
+    residual = W.float() - principal
+    if quant.quant_type != "nf4":
+        return residual
+    return quantize_nf4(residual, quant.blocksize, quant.double_quant, quant.compute_dtype, quant.scale)
+
+
+def decompose_module(W: torch.Tensor, config: PrepareConfig, seed: int,
+                     imported: tuple[Factors, torch.Tensor] | None = None):
+    """One weight -> (residual to store, factors, stats). All math in fp32 on W's device.
+
+    `imported` = (factors, principal) brought from elsewhere (`qosora prepare --from-peft`, qosora.interop.peft_in)
+    replaces the method's initialisation: the residual is then W - principal.
+    """
+    spec = METHOD_SPECS[config.method]
+    q = config.quant
+    d_out, d_in = W.shape
+    if imported is None:
+        factors, singular_values = initial_factors(W, config, seed)
+        # The residual is W minus the adapter *as stored*, so residual + adapter == W exactly before quantization.
+        B, A = spec.lowrank(factors)
+        principal = B @ A
+    else:
+        (factors, principal), singular_values = imported, []
+        factors = {n: t.to(device=W.device, dtype=DTYPES[config.adapter_dtype]) for n, t in factors.items()}
+        principal = principal.to(device=W.device, dtype=torch.float32)
+    stored = store_residual(W, principal, q)
     factors = {n: t.cpu() for n, t in factors.items()}
-    if quantized:
-        stored = quantize_nf4(residual, q.blocksize, q.double_quant, q.compute_dtype, q.scale)
+    if isinstance(stored, NF4Weight):
         deq = stored.dequantize().float()
         plain = nf4_roundtrip(W, q.blocksize, q.double_quant, q.compute_dtype)  # bitsandbytes' NF4(W), QLoRA's base
-        stats = {"rel_error": relative_error(deq + approx_principal, W), "rel_error_plain_nf4": relative_error(plain, W)}
+        stats = {"rel_error": relative_error(deq + principal, W), "rel_error_plain_nf4": relative_error(plain, W)}
         stored = stored.to("cpu")
     else:
-        stored = residual.cpu()
-        stats = {"rel_error": relative_error(residual + approx_principal, W), "rel_error_plain_nf4": None}
+        stats = {"rel_error": relative_error(stored + principal, W), "rel_error_plain_nf4": None}
+        stored = stored.cpu()
     stats.update(shape=[d_out, d_in], rank=config.rank, singular_values=singular_values,
                  trainable=spec.trainable_count(d_out, d_in, config.rank))
     return stored, factors, stats
@@ -167,10 +205,12 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_bytes: int = 512 << 20,
+    imported: ImportedFactors | None = None,
 ) -> PrepareReport:
     """Split every targeted linear of the checkpoint in `model_dir` and write a prepared directory to `out_dir`.
 
-    `filter_fn(module_name, (d_out, d_in)) -> bool` narrows the targets further (Python API only).
+    `filter_fn(module_name, (d_out, d_in)) -> bool` narrows the targets further (Python API only). `imported`
+    supplies each module's factors and principal instead of the SVD (`qosora prepare --from-peft`).
     """
     start = time.perf_counter()
     config = (config or PrepareConfig())
@@ -191,15 +231,16 @@ def prepare(
         residual_writer = ShardedWriter(tmp, "residual", max_shard_bytes)
         adapter_writer = ShardedWriter(tmp, "adapter", max_shard_bytes=1 << 40)
         names = sorted(reader.names(), key=lambda n: (layer_index(n), n))
-        seeds = {m: config.svd.seed + i for i, m in enumerate(modules)}
+        seeds = module_seeds(config.svd.seed, modules)
 
         def task(name: str):
             tensor = reader.get(name)
             check_finite(tensor, name, str(model_dir))
             if name not in adapted:
                 return tensor, None
-            module = name[: -len(".weight")]
-            return tensor, decompose_module(tensor.to(device), config, seeds[module])
+            module, W = name[: -len(".weight")], tensor.to(device)
+            given = None if imported is None else imported.split(module, W)
+            return tensor, decompose_module(W, config, seeds[module], given)
 
         bar = tqdm(total=len(modules), desc=f"prepare {config.method} r={config.rank}", unit="linear", disable=not progress)
         spec = METHOD_SPECS[config.method]
@@ -229,7 +270,8 @@ def prepare(
         copy_side_files(model_dir, tmp)
         qcfg = QosoraConfig(
             prepare=config, model_type=model_type, modules=modules,
-            source={"path": str(model_dir.resolve()), "fingerprint": reader.fingerprint()},
+            source={"path": str(model_dir.resolve()), "fingerprint": reader.fingerprint(),
+                    **(imported.source if imported is not None else {})},
             qosora_version=__version__,
         )
         (tmp / CONFIG_NAME).write_text(qcfg.to_json())

@@ -26,6 +26,7 @@ from qosora.adapted import AdaptedWeight
 from qosora.architectures import config_sizes, expected_linear_shapes, parse_linear, read_json_object
 from qosora.config import CONFIG_NAME, QosoraConfig
 from qosora.errors import QosoraError
+from qosora.precision import all_finite
 from qosora.files import atomic_directory, link_or_copy
 from qosora.layer import SVDAdapterLinear, adapter_layers
 from qosora.methods import METHOD_SPECS
@@ -130,7 +131,7 @@ class PreparedReader:
                               f"needs {tuple(shape)} (config.json, rank {self.config.prepare.rank}): corrupt directory, "
                               "re-run `qosora prepare` or restore the file")
         t = self._get(reader, name)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise QosoraError(f"{self.directory}: module {module}: {name} holds {bad} NaN/Inf values (a diverged run "
                               "or a corrupt file): retrain with a lower --lr, or use an earlier checkpoint")

@@ -46,12 +46,12 @@ def usable_cores() -> int:
 
 
 def thread_settings(cores: int, busy: float, environ: dict) -> dict[str, str]:
-    """The environment variables to add: the wait policy, and a thread count when other work holds cores."""
-    settings = {} if "OMP_WAIT_POLICY" in environ else {"OMP_WAIT_POLICY": "PASSIVE"}
+    """The environment variables to add: a thread count and a sleeping wait policy when other work holds cores."""
     free = max(1, min(cores, round(cores - busy)))
-    if "OMP_NUM_THREADS" not in environ and free < cores:
-        settings["OMP_NUM_THREADS"] = str(free)
-    return settings
+    if free == cores:
+        return {}
+    settings = {"OMP_NUM_THREADS": str(free), "OMP_WAIT_POLICY": "PASSIVE"}
+    return {k: v for k, v in settings.items() if k not in environ}
 
 
 def configure_threads() -> None:

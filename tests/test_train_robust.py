@@ -181,7 +181,7 @@ def test_threads_follow_the_free_cores():
     from qosora.threads import thread_settings
 
     assert thread_settings(4, 1.2, {}) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "3"}
-    assert thread_settings(2, 0.1, {}) == {"OMP_WAIT_POLICY": "PASSIVE"}  # quiet: all cores
+    assert thread_settings(2, 0.1, {}) == {}  # quiet: all cores, OpenMP's own (spinning) wait policy
     assert thread_settings(2, 1.9, {}) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     assert thread_settings(2, 5.0, {}) == {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}  # never 0
     assert thread_settings(4, 3.0, {"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "ACTIVE"}) == {}  # the user's own

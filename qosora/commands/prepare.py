@@ -1,4 +1,4 @@
-"""qosora prepare MODEL_DIR --method sorsa --rank 64 --out prepared/"""
+"""qosora prepare MODEL_DIR --method sorsa --rank 64 --out prepared/   (or --from-peft ADAPTER_DIR)"""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-quant", action="store_true", help="keep the residual dense (ablation / tests)")
     add_arguments(p.add_argument_group("SVD"), SVDConfig)
     p.add_argument("--device", default=None, help="where the SVD runs (default: cuda if present, else cpu)")
+    p.add_argument("--from-peft", metavar="ADAPTER_DIR", default=None,
+                   help="import a PEFT LoRA (-> qlora) or PiSSA (-> pissa) adapter on MODEL_DIR instead of "
+                        "decomposing; the method, rank and targets come from the adapter")
     add_output_flags(p, what="prepared directory")
 
 
@@ -30,8 +33,20 @@ def run(args) -> int:
         quant=from_args(QuantConfig, args, quant_type="none" if args.no_quant else "nf4"),
         svd=from_args(SVDConfig, args),
     )
-    report = prepare(args.model_dir, args.out, config, device=args.device, overwrite=args.overwrite,
-                     progress=not args.json)
+    if args.from_peft is not None:
+        from qosora.errors import QosoraError
+        from qosora.interop.peft_in import prepare_from_peft
+
+        default = PrepareConfig()
+        if (config.method, config.rank, config.targets) != (default.method, default.rank, default.targets):
+            raise QosoraError("--from-peft takes the method, rank and targets from ADAPTER_DIR: drop --method, --rank "
+                              "and --targets")
+        report = prepare_from_peft(args.model_dir, args.from_peft, args.out, quant=config.quant,
+                                   adapter_dtype=config.adapter_dtype, device=args.device, overwrite=args.overwrite,
+                                   progress=not args.json)
+    else:
+        report = prepare(args.model_dir, args.out, config, device=args.device, overwrite=args.overwrite,
+                         progress=not args.json)
     if args.json:
         print_json(report.to_dict())
     else:

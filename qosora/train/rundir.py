@@ -41,6 +41,8 @@ def check_out(out: Path, model_dir: Path, resume: bool) -> None:
                           "and would overwrite the input's; choose another --out")
     if resolved in src.parents and not (src.parent == resolved and src.name == PREPARED):
         raise QosoraError(f"--out {out} contains the input {model_dir}: choose another --out")
+    if out.is_symlink():
+        raise QosoraError(f"--out {out} is a symbolic link: pass a plain directory path")
     if out.exists() and not out.is_dir():
         raise QosoraError(f"--out {out} is a file, not a directory: choose another --out")
     if (out / TRAIN_CONFIG).is_file():
