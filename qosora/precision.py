@@ -7,7 +7,6 @@ there the compute runs in fp32 while the factors are still stored and saved in b
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 
 import torch
@@ -43,11 +42,20 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+_FINITE_CHUNK = 1 << 20  # elements checked at a time: 1 MB of temporaries, whatever the tensor's size
+
+
 def all_finite(t) -> bool:
-    """No NaN or inf in a float tensor or array, without a temporary the tensor's size: a float64 sum is
-    non-finite exactly when an element is (float32 values cannot overflow a float64 sum)."""
+    """No NaN or inf in a float tensor or array, checked a chunk at a time (a whole-tensor isfinite of a 7B
+    embedding would allocate its size again; a float64 sum would allocate eight times it)."""
     if hasattr(t, "is_floating_point"):
-        return not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float64)))
+        if not t.is_floating_point():
+            return True
+        flat = t.reshape(-1)
+        return all(bool(torch.isfinite(c).all()) for c in flat.split(_FINITE_CHUNK))
     import numpy as np
 
-    return t.dtype.kind != "f" or math.isfinite(float(np.add.reduce(t, axis=None, dtype=np.float64)))
+    if t.dtype.kind != "f":
+        return True
+    flat = t.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + _FINITE_CHUNK]).all()) for i in range(0, flat.size, _FINITE_CHUNK))

@@ -1,7 +1,7 @@
 """Write a rotated copy of a Llama checkpoint: the same function, with weights off any quantization grid.
 
 The SmolLM2 fixture's weights went through GGUF Q4_1 once, so every 32-weight block already sits on a 16-level
-grid, and an int4 quantizer of the merged weight can land back on it (DESIGN.md §5). Rotating the residual stream
+grid, and an int4 quantizer of the merged weight can land back on it (BENCHMARKS.md, "Two copies of the same model"). Rotating the residual stream
 by a random orthogonal Q (`qosora.fixtures.rotate_llama_state`) removes that grid and keeps the function. The
 script checks the logits of both models on a few token ids.
 

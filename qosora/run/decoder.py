@@ -26,8 +26,8 @@ _LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidProtobuf, ort_errors.InvalidG
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Thread spinning is off unless asked for: with spinning on, onnxruntime's idle threads burn the cores that a
-    tokenizer, PyTorch or a second session in the same process need (measured several-fold slowdowns on 2 cores,
-    DESIGN.md section 4). A process that only decodes wants it on: +14 % int4 decode at 2 threads here, because
+    tokenizer, PyTorch or a second session in the same process need (several-fold slowdowns measured on 2 cores
+    when PyTorch and onnxruntime shared them in the parity check). A process that only decodes wants it on: +14 % int4 decode at 2 threads here, because
     the workers no longer sleep and wake between the few hundred small ops of a decode step (BENCHMARKS.md)."""
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
