@@ -51,16 +51,22 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def check_output_path(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
-    """Refuse an output that would destroy an input, is a file or a link, or is a non-empty directory.
-
-    Called before any work starts, so a bad --out fails in a second, not after the whole run.
-    """
+def check_directory_path(out: str | Path) -> Path:
+    """Refuse an --out that is a symbolic link or an existing file (it may be absent or a directory)."""
     out = Path(out)
     if out.is_symlink():
         raise QosoraError(f"--out {out} is a symbolic link: pass a plain directory path")
     if out.exists() and not out.is_dir():
         raise QosoraError(f"--out {out} is a file, not a directory: choose another --out")
+    return out
+
+
+def check_output_path(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = ()) -> Path:
+    """Refuse an output that would destroy an input, is a file or a link, or is a non-empty directory.
+
+    Called before any work starts, so a bad --out fails in a second, not after the whole run.
+    """
+    out = check_directory_path(out)
     resolved = out.resolve()
     for src in inputs:
         if src is not None and _overlaps(resolved, Path(src).resolve()):

@@ -72,12 +72,18 @@ def load(
                           f"({str(e).strip().splitlines()[-1].strip()}): corrupt directory, re-run `qosora prepare`") from None
     if unexpected:
         raise QosoraError(f"{directory}: base.safetensors has tensors the model does not know ({unexpected[:3]}...): corrupt directory")
+    return _assembled(model, hf_config, device, f"{directory}: tensors missing from base.safetensors",
+                      "corrupt directory")
+
+
+def _assembled(model, hf_config, device, missing: str, fix: str):
+    """The last steps of building a model on the meta device: rotary buffers, the tied head, nothing left on meta."""
     _rebuild_rotary(model)
     if getattr(hf_config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
         model.lm_head.weight = model.get_input_embeddings().weight
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
-        raise QosoraError(f"{directory}: tensors missing from base.safetensors ({still_meta[:3]}): corrupt directory")
+        raise QosoraError(f"{missing} ({still_meta[:3]}): {fix}")
     return model.to(device).eval()
 
 
@@ -144,10 +150,5 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: s
     state = {n: reader.get(n) for n in present}
     state = {n: t.to(dtype) if t.is_floating_point() else t for n, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
-    _rebuild_rotary(model)
-    if tied and hasattr(model, "lm_head"):
-        model.lm_head.weight = model.get_input_embeddings().weight
-    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
-    if still_meta:
-        raise QosoraError(f"{directory}: tensors missing from the checkpoint ({still_meta[:3]}): incomplete checkpoint")
-    return model.to(device).eval()
+    return _assembled(model, hf_config, device, f"{directory}: tensors missing from the checkpoint",
+                      "incomplete checkpoint")

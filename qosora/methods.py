@@ -95,8 +95,13 @@ class MethodSpec:
         return self.default_gamma > 0
 
     def trainable_count(self, d_out: int, d_in: int, rank: int) -> int:
-        sizes = {"U": d_out * rank, "S": rank, "Vh": rank * d_in, "O": d_out, "A": rank * d_in, "B": d_out * rank}
-        return sum(sizes[n] for n in self.trainable)
+        shapes = factor_shapes(d_out, d_in, rank)
+        return sum(math.prod(shapes[n]) for n in self.trainable)
+
+
+def factor_shapes(d_out: int, d_in: int, rank: int) -> dict[str, tuple[int, ...]]:
+    """The stored shape of every factor name a method uses."""
+    return {"U": (d_out, rank), "S": (rank,), "Vh": (rank, d_in), "O": (d_out,), "A": (rank, d_in), "B": (d_out, rank)}
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {

@@ -12,7 +12,6 @@ is checked against the weights' names and shapes; a NaN/Inf weight stops the run
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +24,15 @@ from tqdm.auto import tqdm
 
 from qosora import __version__
 from qosora.architectures import check_config_matches_weights, check_supported, layer_index, parse_linear, read_hf_config
-from qosora.files import atomic_directory, copy_side_files
-from qosora.precision import all_finite, resolve_device
-from qosora.prepared import STATS_NAME
-from qosora.shards import ShardedWriter, ShardReader
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig, QuantConfig
 from qosora.decompose import check_rank, principal_split, relative_error
 from qosora.errors import QosoraError
+from qosora.files import atomic_directory, copy_side_files
 from qosora.methods import METHOD_SPECS, Factors
 from qosora.nf4 import DTYPES, NF4Weight, nf4_roundtrip, quantize_nf4
+from qosora.precision import all_finite, resolve_device
+from qosora.prepared import STATS_NAME
+from qosora.shards import ShardedWriter, ShardReader
 
 # (module name, weight shape) -> adapt it?
 FilterFn = Callable[[str, tuple[int, int]], bool]
@@ -56,13 +55,12 @@ class PrepareReport:
     trainable_params: int
     frozen_params: int
     mean_rel_error: float
-    mean_rel_error_plain_nf4: float
+    mean_rel_error_plain_nf4: float | None  # None under quant_type="none": nothing was quantized
     seconds: float
     out_dir: str
 
     def to_dict(self) -> dict:
-        """Strict JSON: an error that was not measured (plain NF4 under --no-quant) is null, never NaN."""
-        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        return asdict(self)
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
@@ -282,6 +280,6 @@ def prepare(
     return PrepareReport(
         method=config.method, rank=config.rank, layers=len(modules),
         trainable_params=sum(s["trainable"] for s in stats.values()), frozen_params=frozen,
-        mean_rel_error=sum(errs) / len(errs), mean_rel_error_plain_nf4=sum(plain) / len(plain) if plain else float("nan"),
+        mean_rel_error=sum(errs) / len(errs), mean_rel_error_plain_nf4=sum(plain) / len(plain) if plain else None,
         seconds=time.perf_counter() - start, out_dir=str(out_dir),
     )

@@ -29,18 +29,13 @@ from qosora.errors import QosoraError
 from qosora.precision import all_finite
 from qosora.files import atomic_directory, link_or_copy
 from qosora.layer import SVDAdapterLinear, adapter_layers
-from qosora.methods import METHOD_SPECS
+from qosora.methods import METHOD_SPECS, factor_shapes
 from qosora.nf4 import DTYPES, NF4Weight
 from qosora.shards import ShardedWriter, ShardReader
 
 STATS_NAME = "stats.json"
 _ONE_SHARD = 1 << 40  # the adapter is small: always one file
 _DOUBLE_QUANT_BLOCK = 256  # bitsandbytes' block of the 8-bit quantized scales (qosora.nf4)
-
-
-def factor_shapes(d_out: int, d_in: int, rank: int) -> dict[str, tuple[int, ...]]:
-    """The stored shape of every factor name any method uses (qosora.methods)."""
-    return {"U": (d_out, rank), "S": (rank,), "Vh": (rank, d_in), "O": (d_out,), "A": (rank, d_in), "B": (d_out, rank)}
 
 
 def is_prepared(directory: str | Path) -> bool:

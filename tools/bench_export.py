@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import machine  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -202,7 +205,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     hf = args.model or smollm2_dir()
     src = args.src or work / "prepared-r64"
-    results: dict = {"model": str(hf), "source": str(src), "block_size": args.block_size, "machine_cores": os.cpu_count()}
+    results: dict = {"model": str(hf), "source": str(src), "block_size": args.block_size, "machine": machine()}
     if not (src / "qosora_config.json").is_file():
         wall, rss, _ = run_timed([sys.executable, "-m", "qosora", "prepare", str(hf), "--rank", "64",
                                   "--out", str(src), "--overwrite", "--json"])

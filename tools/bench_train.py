@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _bench import machine  # noqa: E402
+
 SEQ, BATCH, RANK = 256, 4, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -182,6 +185,7 @@ def main() -> None:
     predicted = plan(str(smollm2_dir()), "sorsa", RANK, SEQ, BATCH, device="cpu").total_bytes
     measured = memory["sorsa"]["peak_rss"]
     summary = {
+        "machine": machine(),
         "config": {"model": "SmolLM2-135M-Instruct", "seq_len": SEQ, "batch_size": BATCH, "rank": RANK,
                    "timed_turns": args.steps, "bf16": memory["sorsa"]["bf16"]},
         "peft_qlora": {"s_per_step": anchor_t, "peak_rss": anchor_m},

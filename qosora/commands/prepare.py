@@ -55,5 +55,5 @@ def run(args) -> int:
         print(f"  trainable params {report.trainable_params:,}   frozen params {report.frozen_params:,}")
         plain = report.mean_rel_error_plain_nf4
         print(f"  mean relative error {report.mean_rel_error:.4f}   plain NF4 "
-              f"{'-' if plain is None or plain != plain else format(plain, '.4f')}")
+              f"{'-' if plain is None else format(plain, '.4f')}")
     return 0

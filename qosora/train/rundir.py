@@ -23,6 +23,7 @@ from typing import Iterator
 
 from qosora.config import CONFIG_NAME, PrepareConfig, QosoraConfig
 from qosora.errors import QosoraError
+from qosora.files import check_directory_path
 from qosora.prepared import is_prepared
 from qosora.train import distributed
 from qosora.train.checkpoint import CHECKPOINTS
@@ -41,10 +42,7 @@ def check_out(out: Path, model_dir: Path, resume: bool) -> None:
                           "and would overwrite the input's; choose another --out")
     if resolved in src.parents and not (src.parent == resolved and src.name == PREPARED):
         raise QosoraError(f"--out {out} contains the input {model_dir}: choose another --out")
-    if out.is_symlink():
-        raise QosoraError(f"--out {out} is a symbolic link: pass a plain directory path")
-    if out.exists() and not out.is_dir():
-        raise QosoraError(f"--out {out} is a file, not a directory: choose another --out")
+    check_directory_path(out)
     if (out / TRAIN_CONFIG).is_file():
         if not resume:
             raise QosoraError(f"{out} already holds a training run: pass --resume to continue it or choose another --out")
