@@ -58,7 +58,8 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         gen_cfg = json.loads((tmp / "generation_config.json").read_text()) if (tmp / "generation_config.json").is_file() else {}
         context = min(built.spec.max_position_embeddings, trt_max_context)
         (tmp / "genai_config.json").write_text(json.dumps(
-            genai_config(built.spec, source.hf_config, gen_cfg, built.spec.max_position_embeddings), indent=2))
+            genai_config(built.spec, source.hf_config, gen_cfg, built.spec.max_position_embeddings, opts.attention,
+                         opts.device), indent=2))
 
         errors = [e["rel_error"] for k, e in built.layer_errors.items() if k not in ("model.embed_tokens", "lm_head")]
         report = {

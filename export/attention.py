@@ -1,10 +1,12 @@
 """Attention subgraphs: the additive mask, rotary embeddings, and grouped-query attention with a KV cache, either in
 standard ONNX ops ("standard", any runtime, TensorRT) or as onnxruntime's fused GroupQueryAttention ("gqa").
 
-`ATTENTION[opts.attention](w, spec, linear, mask, dt)` builds the tensors every layer shares (rotary tables, or the
+`ATTENTION[opts.attention](w, spec, linear, dt)` builds the tensors every layer shares (mask and rotary tables, or the
 fused op's per-step inputs) and returns `attend(x, layer) -> out`, the attention of one decoder layer before the
-residual Add. Shapes: B batch, S new tokens, P past tokens, T = P + S, H heads, Hkv kv heads, G = H / Hkv, D head
-dim, E hidden size.
+residual Add. The two differ in their padding contract: standard graphs take left-padded batches and position_ids
+(as optimum and transformers), gqa graphs right-padded ones and no position_ids (as onnxruntime-genai).
+
+Shapes: B batch, S new tokens, P past tokens, T = P + S, H heads, Hkv kv heads, G = H / Hkv, D head dim, E hidden.
 """
 
 from __future__ import annotations
@@ -45,8 +47,11 @@ def attention_mask(w: GraphWriter, spec: DecoderSpec) -> str:
     return w.op("Where", [allowed, w.const(0.0, np.float32), w.const(np.finfo(np.float32).min, np.float32)])
 
 
-def standard_attention(w: GraphWriter, spec: DecoderSpec, linear: LinearEmitter, mask: str, dt: str) -> Attend:
-    """The rotary tables, built once; each layer's attention in standard ops (`_attention`)."""
+def standard_attention(w: GraphWriter, spec: DecoderSpec, linear: LinearEmitter, dt: str) -> Attend:
+    """The additive mask and the rotary tables, built once; each layer's attention in standard ops (`_attention`).
+    Batches may be left-padded (position_ids say where each row's tokens are)."""
+    with w.scope("model/mask"):
+        mask = attention_mask(w, spec)
     with w.scope("model/rotary"):
         cos, sin = _rotary_tables(w, spec, dt)
     return lambda x, i: _attention(w, spec, linear, x, i, cos, sin, mask, dt)
@@ -115,51 +120,50 @@ def _rotary(w: GraphWriter, x: str, cos: str, sin: str, d: int) -> str:
     return w.op("Add", [w.op("Mul", [x, cos]), w.op("Mul", [rotated, sin])])
 
 
-def gqa_attention(w: GraphWriter, spec: DecoderSpec, linear: LinearEmitter, mask: str, dt: str) -> Attend:
+def gqa_attention(w: GraphWriter, spec: DecoderSpec, linear: LinearEmitter, dt: str) -> Attend:
     """The per-step inputs of onnxruntime's fused GroupQueryAttention, built once (scope model/gqa); each layer's
-    attention is one GroupQueryAttention node (`_fused_attention`).
+    attention is one GroupQueryAttention node (`_fused_attention`). The contract onnxruntime-genai's builder and
+    onnxruntime's CUDA kernels are made for (no attention_bias, no position_ids: the flash / memory-efficient path):
 
-        T = attention_mask.shape[1] ─> Cast(int32) = total_sequence_length;  Expand(T - 1, [B]) = seqlens_k
-        cos/sin caches [max_positions, D/2] (rotary applied inside the op at position_ids)
-        mask [B,1,1,S,T] ─> Squeeze(1) = attention_bias [B,1,S,T]   (padding and the sliding window, as in the
-                                                                      standard path; the op adds causality)
+        seqlens_k = ReduceSum(attention_mask, 1) - 1 (int32 [B])     total_sequence_length = attention_mask.shape[1]
+        cos/sin caches [max_positions, D/2] (rotary applied inside the op at each row's own positions)
 
-    Every cache row counts as valid (seqlens_k = T - 1): padding is masked by the bias, so left padding and
-    position_ids behave exactly as in the standard-op graph.
+    Batches are right-padded: row b's tokens are the first seqlens_k[b] + 1 columns of attention_mask, its
+    new token goes to cache row seqlens_k[b]. The cache may be one buffer shared by past and present
+    (onnxruntime-genai's past_present_share_buffer), preallocated to the maximum length.
     """
     with w.scope("model/gqa"):
-        t = w.op("Gather", [w.op("Shape", ["attention_mask"]), w.const([1], np.int64)], axis=0)  # [1]
-        batch = w.op("Gather", [w.op("Shape", ["attention_mask"]), w.const([0], np.int64)], axis=0)  # [1]
-        total = w.op("Cast", [w.op("Squeeze", [t])], to=onnx_dtype("int32"))  # int32 scalar
-        last = w.op("Expand", [w.op("Sub", [t, w.const([1], np.int64)]), batch])  # T - 1 per row
-        seqlens_k = w.op("Cast", [last], to=onnx_dtype("int32"))  # [B]
-        bias = w.cast(w.op("Squeeze", [mask, w.const([1], np.int64)]), dt, "float32")
+        lengths = w.op("ReduceSum", ["attention_mask", w.const([1], np.int64)], keepdims=0)  # [B]
+        seqlens_k = w.op("Cast", [w.op("Sub", [lengths, w.const(1, np.int64)])], to=onnx_dtype("int32"))
+        t = w.op("Gather", [w.op("Shape", ["attention_mask"]), w.const(1, np.int64)], axis=0)  # scalar T
+        total = w.op("Cast", [t], to=onnx_dtype("int32"))
         positions = np.arange(spec.max_position_embeddings, dtype=np.float32)[:, None]
         freqs = positions * np.asarray(spec.inv_freq, np.float32)[None, :]  # [max_positions, D/2]
         cos = w.initializer("model.rotary.cos_cache", np.cos(freqs).astype(dt), "rotary")
         sin = w.initializer("model.rotary.sin_cache", np.sin(freqs).astype(dt), "rotary")
-    return lambda x, i: _fused_attention(w, spec, linear, x, i, (seqlens_k, total, cos, sin, bias))
+    return lambda x, i: _fused_attention(w, spec, linear, x, i, (seqlens_k, total, cos, sin))
 
 
 def _fused_attention(w: GraphWriter, spec: DecoderSpec, linear: LinearEmitter, x: str, i: int, shared) -> str:
-    """Grouped-query attention as one com.microsoft GroupQueryAttention node (rotary inside, KV cache BNSH):
+    """Grouped-query attention as one com.microsoft GroupQueryAttention node fed the packed QKV projection
+    (rotary inside, KV cache BNSH; a sliding window as `local_window_size`):
 
-        x ─> q/k/v proj ─> GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, T, cos, sin, position_ids, bias)
-                               ├─> out [B, S, H*D] ─> o_proj
-                               └─> present_k, present_v [B, Hkv, T, D]
+        x ─> qkv_proj [B, S, (H + 2 Hkv) D] ─> GroupQueryAttention(qkv, -, -, past_k, past_v, seqlens_k, T, cos, sin)
+                                                  ├─> out [B, S, H*D] ─> o_proj
+                                                  └─> present_k, present_v [B, Hkv, T or the buffer's length, D]
     """
-    seqlens_k, total, cos, sin, bias = shared
+    seqlens_k, total, cos, sin = shared
     p = f"model.layers.{i}.self_attn"
-    q, k, v = linear.fused(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], f"{p}.qkv_proj")
+    qkv = linear.packed(x, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"], f"{p}.qkv_proj")
     out = w.op("GroupQueryAttention",
-               [q, k, v, past_key_name(i), past_value_name(i), seqlens_k, total, cos, sin, "position_ids", bias],
+               [qkv, "", "", past_key_name(i), past_value_name(i), seqlens_k, total, cos, sin],
                outputs=[f"/model/layers.{i}/self_attn/attention", present_key_name(i), present_value_name(i)],
                domain=MS_DOMAIN, num_heads=spec.num_heads, kv_num_heads=spec.num_kv_heads, do_rotary=1,
-               scale=float(spec.head_dim ** -0.5))[0]
+               local_window_size=spec.sliding_window or -1, scale=float(spec.head_dim ** -0.5))[0]
     return linear(out, f"{p}.o_proj")
 
 
-ATTENTION: dict[str, Callable[[GraphWriter, DecoderSpec, LinearEmitter, str, str], Attend]] = {
+ATTENTION: dict[str, Callable[[GraphWriter, DecoderSpec, LinearEmitter, str], Attend]] = {
     "standard": standard_attention,
     "gqa": gqa_attention,
 }

@@ -137,11 +137,12 @@ def _int4_linear(linear: LinearEmitter, x: str, module: str, matmul: Int4MatMul)
     return linear.w.op("Add", [matmul(x, module, q), linear.lowrank_branch(x, module, b, a)])
 
 
-def fused_matmul_nbits(linear: LinearEmitter, x: str, modules: list[str], name: str) -> list[str]:
+def fused_matmul_nbits(linear: LinearEmitter, x: str, modules: list[str], name: str, pack: bool) -> list[str]:
     """Several linears reading the same x (q/k/v, gate/up) as one MatMulNBits and a Split: one kernel launch
     instead of three, and the block-offset term of float zero points computed once.
 
         x ──> MatMulNBits([W_q; W_k; W_v]) (+ [b_q; b_k; b_v]) ──> Split(N_q, N_k, N_v) ──> q, k, v
+                                                               └─> (pack) qkv, as GroupQueryAttention reads it
 
     Rows are quantized one module at a time (blocks run along K), so the codes equal the unfused export's.
     --keep-principal emits one linear per module.
@@ -155,6 +156,8 @@ def fused_matmul_nbits(linear: LinearEmitter, x: str, modules: list[str], name: 
     if any(b is not None for b in biases):
         full = [np.zeros(p.codes.shape[0], np.float32) if b is None else b for p, b in zip(parts, biases)]
         y = w.op("Add", [y, w.initializer(name + ".bias", np.concatenate(full).astype(linear.dtype), "bias")])
+    if pack:
+        return [y]
     sizes = [p.codes.shape[0] for p in parts]
     return w.op("Split", [y, w.const(sizes, np.int64)], len(sizes), axis=-1)
 
@@ -175,7 +178,7 @@ def int4_embedding(linear: LinearEmitter, spec: DecoderSpec) -> tuple[str, Int4T
     linear.errors[EMBED] = {"shape": list(table.shape), "rel_error": int4_relative_error(table, q)}
     v, nb = table.shape[0], e // bs
     del table
-    t = linear.int4_table(EMBED, q)
+    t = linear.int4_table(EMBED, q, gather=True)
     inputs = [w.op("Reshape", [t.data, w.const([v, e // 2], np.int64)]), "input_ids",
               w.op("Reshape", [t.scales, w.const([v, -1], np.int64)])] + ([t.zero_points] if t.zero_points else [])
     hidden = w.op("GatherBlockQuantized", inputs, domain=MS_DOMAIN, bits=4, block_size=bs, gather_axis=0,

@@ -1,6 +1,8 @@
 """genai_config.json: what onnxruntime-genai needs to run the exported directory.
 
-The graph concatenates the cache (present = past + new), so `past_present_share_buffer` is false.
+GroupQueryAttention graphs take one cache buffer for past and present (`past_present_share_buffer`, preallocated
+to max_length, as onnxruntime-genai's own builder writes them); standard-attention graphs concatenate the cache
+(present = past + new) and take position_ids. `--device cuda` asks for the CUDA execution provider.
 """
 
 from __future__ import annotations
@@ -8,7 +10,13 @@ from __future__ import annotations
 from qosora.export.spec import DecoderSpec, graph_inputs
 
 
-def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, context_length: int) -> dict:
+def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, context_length: int,
+                 attention: str = "standard", device: str = "cpu") -> dict:
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if attention == "standard":
+        inputs["position_ids"] = "position_ids"
+    inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
+    providers = [{"cuda": {}}] if device == "cuda" else []
     eos = generation_config.get("eos_token_id", hf_config.get("eos_token_id"))
     pad = generation_config.get("pad_token_id", hf_config.get("pad_token_id"))
     return {
@@ -16,17 +24,11 @@ def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, co
             "bos_token_id": hf_config.get("bos_token_id"),
             "context_length": context_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
                 "filename": "model.onnx",
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
+                "inputs": inputs,
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
@@ -51,7 +53,7 @@ def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, co
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": attention == "gqa",
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

@@ -8,7 +8,8 @@ A format (`formats`) is registered as a function `emit(linear, x, module) -> y` 
     record / quantize_merged  ||W - W_hat||_F / ||W||_F of what was written, for the export report
 
 `linear(x, module)` runs the format's emitter and adds the bias; `linear.fused(x, modules, name)` builds several
-linears that read the same x (q/k/v, gate/up), as one kernel where the format registered a fused emitter.
+linears that read the same x (q/k/v, gate/up), as one kernel where the format registered a fused emitter, and
+`linear.packed` the same with their outputs left concatenated (GroupQueryAttention's packed QKV).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from qosora.export.source import WeightSource
 from qosora.export.writer import INT4, MS_DOMAIN, GraphWriter
 
 EmitLinear = Callable[["LinearEmitter", str, str], str]  # (linear, x, module) -> x W^T, bias not included
-EmitFused = Callable[["LinearEmitter", str, list[str], str], list[str]]  # (linear, x, modules, name) -> outputs
+# (linear, x, modules, name, pack) -> the modules' outputs, or [one packed output] when pack and the kernel is fused
+EmitFused = Callable[["LinearEmitter", str, list[str], str, bool], list[str]]
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Int4Table:
     q: Int4Blocks
     data: str  # uint8 [N, K_pad / bs, bs / 2]
     scales: str  # [N * K_pad / bs], graph dtype
-    zero_points: str | None  # uint8 [N, ceil(nb / 2)], packed
+    zero_points: str | None  # uint8 [N, ceil(nb / 2)], packed; or float [N * nb] (CUDA)
     offsets_t: str | None  # [nb, N] block offsets of float zero points, graph dtype
 
 
@@ -62,7 +64,14 @@ class LinearEmitter:
         """The outputs of several linears reading the same x; one linear per module unless the format fuses."""
         if self._emit_fused is None:
             return [self(x, m) for m in modules]
-        return self._emit_fused(self, x, modules, name)
+        return self._emit_fused(self, x, modules, name, False)
+
+    def packed(self, x: str, modules: list[str], name: str) -> str:
+        """The same linears' outputs concatenated along the last axis [.., N_1 + N_2 + ..] (GroupQueryAttention's
+        packed QKV input): the fused kernel's output itself where the format fuses, else a Concat."""
+        outputs = (self._emit_fused(self, x, modules, name, True) if self._emit_fused is not None
+                   else [self(x, m) for m in modules])
+        return outputs[0] if len(outputs) == 1 else self.w.op("Concat", outputs, axis=-1)
 
     # -- int4 -----------------------------------------------------------------------------------------------
     def int4(self, weight: np.ndarray) -> Int4Blocks:
@@ -75,19 +84,30 @@ class LinearEmitter:
         self.errors[module] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), **note}
         return q
 
-    def int4_table(self, name: str, q: Int4Blocks) -> Int4Table:
+    def int4_table(self, name: str, q: Int4Blocks, gather: bool = False) -> Int4Table:
         """Write q's initializers as MatMulNBits reads them: B uint8 [N, K_pad/bs, bs/2] (low nibble first), scales
-        [N * K_pad/bs], zero points uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8). Float zero
-        points are split (`split_float_zero_points`) into uint8 ones and block offsets, stored as [nb, N]."""
+        [N * K_pad/bs], zero points uint8 [N, ceil(nb/2)] packed (asymmetric only; absent means 8).
+
+        Float zero points: on CUDA as MatMulNBits' own float zero points [N * nb] (its CUDA kernels take them at
+        full speed); on the CPU, whose float-zero-point path is slow (8 tok/s against 94 on SmolLM2, BENCHMARKS.md),
+        and for a table GatherBlockQuantized reads (`gather`: uint8 zero points only), split
+        (`split_float_zero_points`) into uint8 ones and block offsets, stored as [nb, N]."""
         n, bs = q.codes.shape[0], q.block_size
         zero_points, offsets = q.zero_points, None
-        if zero_points is not None and zero_points.dtype != np.uint8:
-            zero_points, offsets = split_float_zero_points(q)
         init = self.w.initializer
+        float_zp = zero_points is not None and zero_points.dtype != np.uint8
+        if float_zp and (gather or self.opts.device != "cuda"):
+            zero_points, offsets = split_float_zero_points(q)
+            float_zp = False
+        if zero_points is None:
+            zp = None
+        elif float_zp:
+            zp = init(name + ".zeros", zero_points.reshape(-1).astype(self.dtype), "scales")
+        else:
+            zp = init(name + ".qzeros", pack_low_first(zero_points), "scales")
         return Int4Table(
             q, init(name + ".qweight", pack_low_first(q.codes).reshape(n, -1, bs // 2), "int4"),
-            init(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales"),
-            None if zero_points is None else init(name + ".qzeros", pack_low_first(zero_points), "scales"),
+            init(name + ".scales", q.scales.reshape(-1).astype(self.dtype), "scales"), zp,
             None if offsets is None else init(name + ".block_offsets_t",
                                               np.ascontiguousarray(offsets.T).astype(self.dtype), "scales"))
 

@@ -22,6 +22,8 @@ SYMMETRIC_SCHEMES: tuple[str, ...] = ("sym", "sym-search")  # no zero point: the
 Attention = Literal["gqa", "standard"]
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 IoDtype = Literal["float32", "float16"]
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
 BlockSize = Literal[16, 32, 64, 128, 256]
 
 # What the cross-field rules know about the formats.
@@ -33,7 +35,7 @@ _SCHEME_HELP = (
     "hqq: min/max scale, float zero point fitted by half-quadratic optimisation (run as uint8 zero point + block "
     "offset); asym: min/max + integer zero point (fastest decode); asym-ls / asym-ls-float: least-squares scale, "
     "integer / float zero point; sym: scale absmax/7; sym-search: MSE-searched scale "
-    "(default: hqq for int4, sym for trt-int4)")
+    "(default: asym for int4 on cpu, hqq on cuda; sym for trt-int4)")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,19 @@ class ExportOptions:
     format: Format = option("int4", "int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r "
                                     "branch; fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT")
     block_size: BlockSize = option(32, "int4 / trt-int4 quantization block along K")
-    # None: "hqq" for int4 (float zero points, ties onnxruntime's HQQ in perplexity on SmolLM2 at block 32 and 64;
-    # "asym" drops the block-offset term and decodes fastest), "sym" for trt-int4 (TensorRT is symmetric;
-    # "sym-search" clips NF4 outliers the same way and measured worse perplexity than absmax / 7).
+    # None: "asym" for int4 on cpu: integer zero points run MatMulNBits alone, as fast as onnxruntime-genai's own
+    # int4 graph; "hqq"'s float zero points cost a block-offset term per linear on the CPU (0.73-0.80x the decode
+    # speed on SmolLM2, for -1.4 perplexity on that Q4_1-derived fixture and -0.3 on its rotated copy,
+    # BENCHMARKS.md). "hqq" on cuda, whose MatMulNBits takes float zero points natively. "sym" for trt-int4
+    # (TensorRT is symmetric; "sym-search" clips NF4 outliers the same way and measured worse than absmax / 7).
     int4_scheme: Int4Scheme | None = option(None, _SCHEME_HELP)
-    accuracy_level: int = option(0, "MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes them to int8 "
-                                    "(faster CPU)", min=0, max=4)
+    device: Device = option("cpu", "where the graph will run: cpu (float32 I/O, int8-activation int4 kernels) or cuda "
+                                   "(onnxruntime-gpu: float16 I/O and KV cache, float int4 kernels, genai_config for "
+                                   "CUDA)")
+    # None: 4 on cpu (int8 activations: 1.5x / 3.2x the decode speed of level 0 on SmolLM2 int4 on an AVX-512 /
+    # an AVX2-only CPU, BENCHMARKS.md), 0 on cuda (the CUDA kernels are float; what onnxruntime-genai uses).
+    accuracy_level: int | None = option(None, "MatMulNBits accuracy level: 0 keeps activations float, 4 quantizes "
+                                              "them to int8 (default: 4 on cpu, 0 on cuda)", min=0, max=4)
     keep_principal: bool = option(False, "int4/trt-int4: requantize only the residual, keep the adapter as a float "
                                          "low-rank branch")
     quantize_lm_head: bool = option(True, "keep lm_head dense in int4 formats", flag="--no-quantize-lm-head")
@@ -56,21 +65,29 @@ class ExportOptions:
     attention: Attention | None = option(None, "gqa: onnxruntime's fused GroupQueryAttention (rotary inside; CPU "
                                                "and CUDA); standard: default-domain ops only (any runtime, TensorRT) "
                                                "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
-    io_dtype: IoDtype | None = option(None, "activations, KV cache and logits of int4/nf4/trt-int4 graphs (default "
-                                            "float32); use float16 for onnxruntime-gpu, whose GroupQueryAttention "
-                                            "needs it")
+    io_dtype: IoDtype | None = option(None, "activations, KV cache and logits of int4/nf4/trt-int4 graphs (default: "
+                                            "float32 on cpu, float16 on cuda, whose GroupQueryAttention needs it)")
 
     @property
     def dtype(self) -> str:
         """Activation / cache / logits dtype of the graph."""
-        return self.io_dtype or _FIXED_DTYPE.get(self.format, "float32")
+        return self.io_dtype or _FIXED_DTYPE.get(self.format, "float16" if self.device == "cuda" else "float32")
+
+    @property
+    def fused_norms(self) -> bool:
+        """RMSNorm as onnxruntime's (Skip)SimplifiedLayerNormalization, the residual Add fused in: wherever the graph
+        is onnxruntime's already (contrib ops); standard ops elsewhere (fp32/fp16/trt-int4 with standard attention)."""
+        return self.attention == "gqa" or self.format in _MS_DOMAIN_FORMATS
 
     def validate(self) -> "ExportOptions":
         """Check every field, fill the format-dependent defaults, then the rules that tie fields together."""
         check(self)
         fmt = self.format
-        opts = replace(self, int4_scheme=self.int4_scheme or ("sym" if fmt == "trt-int4" else "hqq"),
-                       attention=self.attention or ("gqa" if fmt in _MS_DOMAIN_FORMATS else "standard"))
+        default_scheme = "sym" if fmt == "trt-int4" else ("hqq" if self.device == "cuda" else "asym")
+        opts = replace(self, int4_scheme=self.int4_scheme or default_scheme,
+                       attention=self.attention or ("gqa" if fmt in _MS_DOMAIN_FORMATS else "standard"),
+                       accuracy_level=(0 if self.device == "cuda" else 4) if self.accuracy_level is None
+                       else self.accuracy_level)
         if fmt in _FIXED_DTYPE and opts.io_dtype not in (None, _FIXED_DTYPE[fmt]):
             raise QosoraError(f"--format {fmt} fixes the graph dtype: drop --io-dtype")
         if fmt == "trt-int4" and opts.attention == "gqa":
@@ -79,6 +96,9 @@ class ExportOptions:
         if fmt == "trt-int4" and opts.int4_scheme not in SYMMETRIC_SCHEMES:
             raise QosoraError("trt-int4 is symmetric (TensorRT takes no int4 zero point): use --int4-scheme "
                               f"{' or '.join(SYMMETRIC_SCHEMES)}")
+        if opts.device == "cuda" and opts.attention == "gqa" and opts.dtype != "float16":
+            raise QosoraError("onnxruntime's CUDA GroupQueryAttention needs float16: drop --io-dtype float32, or use "
+                              "--attention standard")
         if opts.keep_principal and fmt not in INT4_FORMATS:
             raise QosoraError(f"--keep-principal applies to --format {' and '.join(INT4_FORMATS)}")
         return opts

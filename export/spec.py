@@ -5,16 +5,20 @@ prefill (sequence_length = prompt length, past_sequence_length = 0) and decode (
 
     input_ids                 int64  [batch_size, sequence_length]
     attention_mask            int64  [batch_size, total_sequence_length]     1 = attend, 0 = padding
-    position_ids              int64  [batch_size, sequence_length]
+    position_ids              int64  [batch_size, sequence_length]              standard attention only
+    logits_to_keep            int64  []   optional, default 0 = all positions; N: logits of the last N positions
     past_key_values.{i}.key   T      [batch_size, num_key_value_heads, past_sequence_length, head_dim]
     past_key_values.{i}.value T      [batch_size, num_key_value_heads, past_sequence_length, head_dim]
       ->
-    logits                    T      [batch_size, sequence_length, vocab_size]
+    logits                    T      [batch_size, sequence_length (or logits_to_keep), vocab_size]
     present.{i}.key           T      [batch_size, num_key_value_heads, total_sequence_length, head_dim]
     present.{i}.value         T      [batch_size, num_key_value_heads, total_sequence_length, head_dim]
 
 total_sequence_length = past_sequence_length + sequence_length. T is `ExportOptions.dtype`: float32, or float16 for
---format fp16 and --io-dtype float16.
+--format fp16, --device cuda and --io-dtype float16. Standard-attention graphs take left-padded batches and
+position_ids; GroupQueryAttention graphs right-padded batches (row b's tokens first), no position_ids, and their
+cache may be one buffer shared by past and present, preallocated to the maximum length (the op then writes each
+row's new entries at its own length; present has the buffer's shape).
 Callers (qosora.run, onnxruntime-genai) map the cache by name, never by position.
 """
 
@@ -163,13 +167,27 @@ class TensorSpec:
     shape: tuple[str | int, ...]
 
 
-def graph_inputs(spec: DecoderSpec, dtype: str) -> list[TensorSpec]:
+# How each attention kind's graph takes a batch of prompts of different lengths (recorded in the model metadata).
+PADDING = {"standard": "left", "gqa": "right"}
+
+
+LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def graph_inputs(spec: DecoderSpec, dtype: str, attention: str = "standard", keep_logits: bool = False
+                 ) -> list[TensorSpec]:
+    """position_ids only in standard graphs: GroupQueryAttention derives each row's positions from attention_mask.
+    `logits_to_keep` (optional: an initializer holds its default, 0 = every position) makes the lm_head run on the
+    last N positions only: a prefill needs one row of logits, not one per prompt token."""
     kv = (BATCH, spec.num_kv_heads, PAST, spec.head_dim)
     out = [
         TensorSpec("input_ids", "int64", (BATCH, SEQ)),
         TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),
-        TensorSpec("position_ids", "int64", (BATCH, SEQ)),
     ]
+    if attention == "standard":
+        out.append(TensorSpec("position_ids", "int64", (BATCH, SEQ)))
+    if keep_logits:
+        out.append(TensorSpec(LOGITS_TO_KEEP, "int64", ()))
     for i in range(spec.num_layers):
         out += [TensorSpec(past_key_name(i), dtype, kv), TensorSpec(past_value_name(i), dtype, kv)]
     return out

@@ -59,7 +59,7 @@ class GraphWriter:
 
     # -- initializers ---------------------------------------------------------------------------------------
     def initializer(self, name: str, array: np.ndarray, kind: str = "other") -> str:
-        array = np.ascontiguousarray(array)
+        array = np.ascontiguousarray(array).reshape(np.shape(array))  # (ascontiguousarray makes a scalar 1-d)
         # A byte view, not array.tobytes(): a vocabulary-sized table is written without a second copy.
         raw = memoryview(array.reshape(-1)).cast("B") if array.size else b""
         return self.raw_initializer(name, onnx_dtype(array.dtype), array.shape, raw, kind)

@@ -28,8 +28,10 @@ def _session(path) -> ort.InferenceSession:
 
 def _logits(sess, model, ids, **kw):
     names = [o.name for o in sess.get_outputs()]
-    dtype = np.float16 if "float16" in sess.get_inputs()[3].type else np.float32
-    return dict(zip(names, sess.run(None, feed(model.config, ids, dtype=dtype, **kw))))
+    inputs = {i.name: i for i in sess.get_inputs()}
+    dtype = np.float16 if "float16" in inputs["past_key_values.0.key"].type else np.float32
+    f = feed(model.config, ids, dtype=dtype, **kw)
+    return dict(zip(names, sess.run(None, {k: v for k, v in f.items() if k in inputs})))
 
 
 def _torch_logits(model, ids, **kw) -> np.ndarray:
@@ -114,10 +116,10 @@ def test_prefill_then_decode_equals_full_forward(tmp_path, attention):
     assert _rel(np.concatenate(steps, axis=1), full) < 1e-5
 
 
-@pytest.mark.parametrize("attention", ["standard", "gqa"])  # standard ops, onnxruntime's fused op
-def test_left_padding_matches_torch(tmp_path, attention):
+def test_standard_graph_takes_left_padding(tmp_path):
     model = tiny_model("qwen2")
-    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path).model_path)
+    opts = ExportOptions(format="fp32", attention="standard")
+    sess = _session(build_decoder_graph(HFSource.from_model(model), opts, tmp_path).model_path)
     ids = _ids(seq=8)
     mask = np.ones_like(ids)
     mask[0, :3] = 0  # row 0 is left-padded
@@ -128,13 +130,99 @@ def test_left_padding_matches_torch(tmp_path, attention):
     assert _rel(got[keep], ref[keep]) < 1e-4
 
 
+def _run_shared(sess, ids, mask, buffers) -> np.ndarray:
+    """One step of a gqa graph with onnxruntime-genai's shared cache: the same OrtValue is past and present."""
+    io = sess.io_binding()
+    io.bind_cpu_input("input_ids", ids.astype(np.int64))
+    io.bind_cpu_input("attention_mask", mask.astype(np.int64))
+    for (i, kind), buf in buffers.items():
+        io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
+        io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+    io.bind_output("logits")
+    sess.run_with_iobinding(io)
+    return io.copy_outputs_to_cpu()[-1]
+
+
+@pytest.mark.parametrize("arch,kw", [("qwen2", {}), ("mistral", {"sliding_window": 4})])
+def test_gqa_graph_takes_right_padding_and_a_shared_cache(tmp_path, arch, kw):
+    """Rows of 8 and 5 tokens right-padded into one prefill, then two decode steps where each row's new token
+    goes to its own cache row (mask = ones over each row's length): every real position equals that row run alone
+    in PyTorch. Mistral's window (4 < 9 tokens) runs as GroupQueryAttention's local_window_size."""
+    model = tiny_model(arch, **kw)
+    sess = _session(build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention="gqa"),
+                                        tmp_path).model_path)
+    cfg = model.config
+    shape = (2, cfg.num_key_value_heads, 12, cfg.hidden_size // cfg.num_attention_heads)
+    buffers = {(i, k): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+               for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
+    ids, lengths = _ids(seq=10), [8, 5]
+    x = ids[:, :8].copy()
+    x[1, 5:] = 0  # padding on the right
+    mask = (np.arange(8)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    got = [_run_shared(sess, x, mask, buffers)]
+    for step in range(2):
+        nxt = np.array([[ids[b, lengths[b] + step]] for b in range(2)])
+        total = max(lengths) + step + 1
+        mask = (np.arange(total)[None, :] < np.array(lengths)[:, None] + step + 1).astype(np.int64)
+        got.append(_run_shared(sess, nxt, mask, buffers))
+    for b, n in enumerate(lengths):
+        ref = _torch_logits(model, ids[b:b + 1, :n + 2])[0]
+        assert _rel(got[0][b, :n], ref[:n]) < 1e-4
+        assert _rel(np.stack([got[1][b, 0], got[2][b, 0]]), ref[n:n + 2]) < 1e-4
+
+
+@pytest.mark.parametrize("attention", ["standard", "gqa"])
+def test_logits_to_keep_runs_the_head_on_the_last_positions_only(tmp_path, attention):
+    model = tiny_model("llama")
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="fp32", attention=attention), tmp_path)
+    sess, ids = _session(result.model_path), _ids()
+    full = _logits(sess, model, ids)["logits"]  # not fed: the default 0 keeps every position
+    f = {k: v for k, v in feed(model.config, ids).items() if k in {i.name for i in sess.get_inputs()}}
+    for n in (1, 3):
+        got = sess.run(["logits"], {**f, "logits_to_keep": np.array(n, np.int64)})[0]
+        assert got.shape == (2, n, 128) and np.array_equal(got, full[:, -n:])
+    proto = onnx.load(str(result.model_path), load_external_data=False)
+    head = next(n for n in proto.graph.node if n.output[0] == "logits")
+    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
+    assert producers[head.input[0]] == "Slice"  # the head reads the sliced hidden states, not all of them
+
+
+def test_gqa_graph_has_onnxruntime_genais_contract(tmp_path):
+    """What onnxruntime-gpu's fast GroupQueryAttention kernels take: packed QKV (key/value empty), seqlens_k and
+    total_sequence_length from attention_mask, rotary caches; no position_ids, no attention_bias; RMSNorm fused
+    with the residual Add."""
+    model = tiny_model("llama")
+    result = build_decoder_graph(HFSource.from_model(model), ExportOptions(format="int4", device="cuda"), tmp_path)
+    proto = onnx.load(str(result.model_path), load_external_data=False)
+    assert [i.name for i in proto.graph.input][:2] == ["input_ids", "attention_mask"]
+    assert "position_ids" not in {i.name for i in proto.graph.input}
+    assert {i.type.tensor_type.elem_type for i in proto.graph.input if i.name.startswith("past")} == {
+        onnx.TensorProto.FLOAT16}
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for i, n in enumerate(gqa):
+        assert len(n.input) == 9 and n.input[1] == n.input[2] == ""
+        assert producers[n.input[0]].op_type == "MatMulNBits"  # the fused q/k/v projection, unsplit
+        assert n.input[3:5] == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert n.input[7:9] == ["model.rotary.cos_cache", "model.rotary.sin_cache"]
+    assert producers[gqa[0].input[5]].op_type == "Cast" and producers[gqa[0].input[6]].op_type == "Cast"
+    assert {a.name: a.i for a in gqa[0].attribute if a.type == onnx.AttributeProto.INT}["do_rotary"] == 1
+    counts = result.op_counts
+    assert counts["com.microsoft::SkipSimplifiedLayerNormalization"] == 2 * 2 and counts["SimplifiedLayerNormalization"] == 1
+    assert "ReduceMean" not in counts  # every RMSNorm fused; the only Add left is the embedding's block offsets
+    assert {n.name.rsplit("/", 1)[0] for n in proto.graph.node if n.op_type == "Add"} == {"/model/embed_tokens"}
+    levels = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}  # CUDA's kernels are float; the CPU default is 4
+
+
 @pytest.mark.parametrize("scheme,tied,block", [("sym-search", True, 32), ("asym", False, 16), ("sym", False, 64),
                                                ("asym-ls", False, 32), ("asym-ls-float", False, 32),
                                                ("asym-ls-float", True, 32), ("asym-ls-float", False, 128),
                                                ("hqq", True, 64)])
 def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
     model = tiny_model("llama", tied=tied)
-    opts = ExportOptions(format="int4", int4_scheme=scheme, block_size=block)
+    opts = ExportOptions(format="int4", accuracy_level=0, int4_scheme=scheme, block_size=block)
     result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
     assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 4 + 1  # fused q/k/v and gate/up, o, down; head
     if scheme.startswith("asym"):  # packed uint8 zero points (the fast kernels), for float zero points too
@@ -143,7 +231,8 @@ def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
         # float zero points: the rest of z is a block-offset term, one block-sum per distinct input
         assert ("model.layers.0.self_attn.qkv_proj.block_offsets_t" in inits) == (scheme in ("asym-ls-float", "hqq"))
         if scheme in ("asym-ls-float", "hqq"):
-            assert result.op_counts["ReduceSum"] == 2 * 4 + 1  # per layer q/k/v, o, gate/up, down; lm_head
+            # per layer q/k/v, o, gate/up, down; lm_head; and GroupQueryAttention's seqlens_k
+            assert result.op_counts["ReduceSum"] == 2 * 4 + 1 + 1
             assert ("model.embed_tokens.block_offsets_t" in inits) == (block <= 64)  # E = 64: 128 leaves it float
     assert result.op_counts.get("com.microsoft::GatherBlockQuantized", 0) == (block <= 64)  # needs bs | E = 64
     ids = _ids()
@@ -161,7 +250,7 @@ def test_int4_matches_dequantized_reference(tmp_path, scheme, tied, block):
 def test_fused_int4_projections_keep_biases_and_match(tmp_path, arch):
     """q/k/v and gate/up fused into one MatMulNBits each: Qwen2's q/k/v biases ride along, Mistral's GQA splits."""
     model = tiny_model(arch)
-    opts = ExportOptions(format="int4", int4_scheme="asym-ls-float", block_size=32)
+    opts = ExportOptions(format="int4", accuracy_level=0, int4_scheme="asym-ls-float", block_size=32)
     result = build_decoder_graph(HFSource.from_model(model), opts, tmp_path)
     assert result.op_counts["com.microsoft::MatMulNBits"] == 2 * 4 + 1
     ids = _ids()
@@ -200,7 +289,7 @@ def test_trt_int4_is_standard_onnx_and_matches(tmp_path):
     assert {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
     ids = _ids()
     got = _logits(_session(result.model_path), model, ids)["logits"]
-    opts_ref = ExportOptions(format="int4", block_size=32, int4_scheme="sym", quantize_embedding=False)
+    opts_ref = ExportOptions(format="int4", accuracy_level=0, block_size=32, int4_scheme="sym", quantize_embedding=False)
     assert _rel(got, _torch_logits(_quantized_reference(model, opts_ref), ids)) < 1e-4
 
 
@@ -231,8 +320,8 @@ def test_nf4_reproduces_the_trained_function(tmp_path):
 def test_keep_principal_reduces_requantization_error(tmp_path):
     model = tiny_model("llama")
     src = AdaptedSource(model, rank=8)
-    plain = build_decoder_graph(src, ExportOptions(format="int4", block_size=32), tmp_path / "plain")
-    kept = build_decoder_graph(src, ExportOptions(format="int4", block_size=32, keep_principal=True), tmp_path / "kept")
+    plain = build_decoder_graph(src, ExportOptions(format="int4", accuracy_level=0, block_size=32), tmp_path / "plain")
+    kept = build_decoder_graph(src, ExportOptions(format="int4", accuracy_level=0, block_size=32, keep_principal=True), tmp_path / "kept")
     mods = linear_modules(model)
     e_plain = np.mean([plain.layer_errors[m]["rel_error"] for m in mods])
     e_kept = np.mean([kept.layer_errors[m]["rel_error"] for m in mods])
@@ -298,7 +387,7 @@ def test_float16_io_matches_float32_io(tmp_path, fmt, tol):
     ids = _ids()
     out = {}
     for dt in ("float32", "float16"):
-        result = build_decoder_graph(src, ExportOptions(format=fmt, io_dtype=dt), tmp_path / dt)
+        result = build_decoder_graph(src, ExportOptions(format=fmt, io_dtype=dt, accuracy_level=0), tmp_path / dt)
         out[dt] = _logits(_session(result.model_path), model, ids)
     assert out["float16"]["logits"].dtype == np.float16 and out["float16"]["present.0.key"].dtype == np.float16
     assert _rel(out["float16"]["logits"], out["float32"]["logits"].astype(np.float64)) < tol

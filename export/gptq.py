@@ -1,0 +1,213 @@
+"""GPTQ (Frantar et al., 2022): int4 codes of one linear that minimise its output error on calibration inputs,
+written onto our blockwise int4 format (`int4.Int4Blocks`) and our data-free schemes' grids (`quantizers`).
+
+For a linear W [N, K] and calibration inputs X [K, T] the loss is the output error
+
+    L(Q) = ||(W - Q) X||_F^2 = tr((W - Q) H (W - Q)^T),      H = X X^T  [K, K]  (`calibration.collect_hessians`)
+
+Round-to-nearest (RTN) minimises it only when H is diagonal. GPTQ quantizes the columns left to right and, after
+each, moves the error it made onto the columns not yet quantized (optimal brain surgeon, OBS):
+
+    column j:  u_j = nearest grid code of w_j,   q_j = deq(u_j),   e_j = (w_j - q_j) / [H_F^-1]_jj
+               w_F -= e_j [H_F^-1]_{j,F}               F = the columns after j,  H_F^-1 their inverse Hessian
+
+Rows of the upper Cholesky factor U of H^-1 (H^-1 = U^T U) give every [H_F^-1]_{j,F} / [H_F^-1]_jj at once
+(U_{j,F} / U_jj), so nothing is re-inverted; updates to columns beyond the current batch of `lazy_batch` columns
+are deferred and applied as one matrix product per batch (the paper's "lazy batch" updates).
+
+The grid: each (row, K-block) group gets its scale and zero point once, when the sweep reaches the group's first
+column, from the group's *current* (already error-updated) weights, by the same registered scheme the data-free
+export uses ("sym": absmax / 7, "asym": min/max, "hqq": ..., `quantizers.QUANTIZERS`): GPTQ with groups, with our
+NF4-aware grid rules as its starting points. The result is an `Int4Blocks` the MatMulNBits / DequantizeLinear
+emitters write unchanged.
+
+Dead inputs (H_jj = 0: the input is always 0) get H_jj = 1 and W[:, j] = 0, as in GPTQ. H is damped by
+`damp * mean(diag H)` on its diagonal before the factorisation. Runs on W's device (CPU or CUDA) in float32
+(float64 when W is float64); deterministic. Tested against a plain column-by-column OBS sweep with an explicitly
+updated inverse Hessian in tests/test_export_gptq.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qosora.export.int4 import Int4Blocks, dequantize_int4
+from qosora.export.options import Int4Scheme
+from qosora.export.quantizers import QUANTIZERS, quantize_int4
+
+LAZY_BATCH = 128  # columns per deferred update (the GPTQ paper's B); rounded up to a multiple of the block size
+_DAMP_RETRIES = 4  # a Hessian that is not positive definite after damping gets 10x the damping, this many times
+_ERROR_ROWS = 4096  # rows of W - Q per chunk when the output error is measured (E H is chunk x K)
+
+
+@dataclass
+class GPTQResult:
+    """One linear quantized by `gptq_quantize`.
+
+    q                 the int4 weight, in the representation the scheme's data-free quantizer returns
+    output_error      ||(W - deq(q)) X||_F / ||W X||_F, from H: sqrt(tr(E H E^T) / tr(W H W^T))
+    rtn_output_error  the same for the data-free scheme on W (`quantize_int4`, what export writes uncalibrated)
+    damp              the absolute damping added to diag(H)
+    """
+
+    q: Int4Blocks
+    output_error: float
+    rtn_output_error: float
+    damp: float
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, block_size: int, scheme: Int4Scheme = "sym", *,
+                  damp: float = 0.01, act_order: bool = False, lazy_batch: int = LAZY_BATCH,
+                  errors: bool = True) -> GPTQResult:
+    """Quantize W [N, K] (float32 or float64, any device) to blockwise int4 given H = sum x x^T [K, K].
+
+    act_order: quantize columns in order of decreasing H_jj (GPTQ's "desc_act"); the blocks stay contiguous along
+    the original K, each block's grid is chosen when its first column in that order is reached. errors=False
+    skips the two output-error traces (each costs about as much as the sweep); they are then NaN.
+    """
+    if scheme not in QUANTIZERS:
+        raise ValueError(f"unknown int4 scheme {scheme!r}; choose one of {', '.join(QUANTIZERS)}")
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"gptq_quantize: H has shape {tuple(h.shape)}, W [{n}, {k}] needs [{k}, {k}]")
+    dt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    weight = w.detach().to(dt).clone()  # [N, K], updated in place by the sweep
+    hess = h.detach().to(device=w.device, dtype=dt).clone()  # [K, K]
+
+    dead = torch.diagonal(hess) == 0
+    hess[dead, dead] = 1.0
+    weight[:, dead] = 0.0
+    perm = (torch.argsort(torch.diagonal(hess), descending=True, stable=True) if act_order
+            else torch.arange(k, device=w.device))
+    weight, hess = weight[:, perm], hess[perm][:, perm]
+    u_inv, damp_abs = _inverse_cholesky(hess, damp)
+    del hess
+
+    q = _sweep(weight, u_inv, perm, block_size, scheme, -(-lazy_batch // block_size) * block_size)
+    if not errors:
+        return GPTQResult(q, float("nan"), float("nan"), damp_abs)
+    h_ref = h.detach().to(device=w.device, dtype=dt)
+    w_ref = w.detach().to(dt)
+    rtn = quantize_int4(w_ref.float().cpu().numpy(), block_size, scheme)
+    return GPTQResult(q, output_error(w_ref, q, h_ref), output_error(w_ref, rtn, h_ref), damp_abs)
+
+
+def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """The upper U with (H + lambda I)^-1 = U^T U, lambda = damp * mean(diag H) (x10 while H is not positive
+    definite; H is damped in place), from one Cholesky factorisation. With J the exchange matrix,
+    J H J = M M^T (M lower) gives H = R R^T with R = J M J upper, so H^-1 = R^-T R^-1 and U = R^-1 = J M^-1 J:
+    half the work of GPTQ's cholesky -> cholesky_inverse -> cholesky."""
+    diag = torch.diagonal(hess)
+    undamped = diag.clone()
+    lam = damp * float(undamped.mean())
+    for _ in range(_DAMP_RETRIES):
+        diag.copy_(undamped + lam)  # in place: H is K x K, a copy per try would add up on an 11008-wide input
+        m, info = torch.linalg.cholesky_ex(torch.flip(hess, (0, 1)))
+        if int(info) == 0:
+            eye = torch.eye(hess.shape[0], dtype=hess.dtype, device=hess.device)
+            return torch.flip(torch.linalg.solve_triangular(m, eye, upper=False), (0, 1)), lam
+        lam *= 10.0
+    raise ValueError(f"gptq_quantize: the Hessian is not positive definite even with damping {lam / 10:g} "
+                     "(calibration inputs with NaN/inf?)")
+
+
+def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_size: int, scheme: Int4Scheme,
+           lazy_batch: int) -> Int4Blocks:
+    """The OBS sweep over the (permuted) columns of weight [N, K]; u_inv [K, K] upper. Returns the codes, scales
+    and zero points in the original column order."""
+    n, k = weight.shape
+    nb = -(-k // block_size)
+    perm_cpu = perm.cpu()
+    group = (perm_cpu // block_size).tolist()  # group of each processed column
+    position = torch.empty(k, dtype=torch.long)
+    position[perm_cpu] = torch.arange(k)  # processing index of each original column
+    members = [position[g * block_size: min(k, (g + 1) * block_size)].to(weight.device) for g in range(nb)]
+    codes = np.empty((n, nb * block_size), np.uint8)
+    scales = np.empty((n, nb), np.float32)
+    zeros: np.ndarray | None = None  # allocated on the first group, with the scheme's zero-point dtype
+    scale_t = torch.empty((n, nb), dtype=torch.float64, device=weight.device)
+    zero_t = torch.full((n, nb), 8.0, dtype=torch.float64, device=weight.device)
+    codes_t = torch.empty((n, k), dtype=torch.uint8, device=weight.device)  # processing order
+    seen = [False] * nb
+
+    for i1 in range(0, k, lazy_batch):
+        i2 = min(i1 + lazy_batch, k)
+        w1 = weight[:, i1:i2].clone()  # [N, b], the batch's columns with every update so far
+        err1 = torch.zeros_like(w1)  # [N, b], e_j of the batch's columns
+        u1 = u_inv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = group[i1 + i]
+            if not seen[g]:  # the group's first column: pick its grid from its current weights
+                seen[g] = True
+                cur = _current_columns(members[g], weight, w1, err1, u_inv, i1, i2, i)
+                qb = _group_grid(cur, block_size, scheme)
+                zeros = _store_grid(qb, g, k, scales, codes, zeros, scale_t, zero_t)
+            col = w1[:, i]
+            s, z = scale_t[:, g], zero_t[:, g]
+            u = torch.clamp(torch.round(col.double() / s + z), 0, 15)  # nearest grid point, in float64
+            deq = ((u - z) * s).to(col.dtype)
+            codes_t[:, i1 + i] = u.to(torch.uint8)
+            e = (col - deq) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        weight[:, i2:] -= err1 @ u_inv[i1:i2, i2:]  # the deferred updates of the later columns
+
+    codes[:, perm_cpu.numpy()] = codes_t.cpu().numpy()
+    return Int4Blocks(codes, scales, zeros, block_size, k)
+
+
+def _current_columns(cols: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor,
+                     u_inv: torch.Tensor, i1: int, i2: int, i: int) -> torch.Tensor:
+    """Current values [N, len(cols)] of not-yet-quantized processed columns `cols` while at column i1 + i: those in
+    the batch are in w1; later ones still lack the batch's deferred updates from columns i1 .. i1 + i - 1."""
+    if int(cols.max()) < i2:
+        return w1[:, cols - i1]
+    out = weight[:, cols].clone()
+    inside = cols < i2
+    out[:, inside] = w1[:, cols[inside] - i1]
+    later = cols[~inside]
+    out[:, ~inside] -= err1[:, :i] @ u_inv[i1:i1 + i][:, later]
+    return out
+
+
+def _group_grid(cur: torch.Tensor, block_size: int, scheme: Int4Scheme) -> Int4Blocks:
+    """The scheme's grid of one block column [N, m <= block_size], zero-padded as `quantize_int4` pads K."""
+    block = cur.float().cpu().numpy()
+    if block.shape[1] < block_size:
+        block = np.pad(block, ((0, 0), (0, block_size - block.shape[1])))
+    return QUANTIZERS[scheme](block[:, None, :], block_size)
+
+
+def _store_grid(qb: Int4Blocks, g: int, k: int, scales: np.ndarray, codes: np.ndarray, zeros: np.ndarray | None,
+                scale_t: torch.Tensor, zero_t: torch.Tensor) -> np.ndarray | None:
+    """Record group g's grid (and the scheme's codes for K's zero padding); returns the zero-point array."""
+    bs = qb.block_size
+    scales[:, g] = qb.scales[:, 0]
+    scale_t[:, g] = torch.from_numpy(qb.scales[:, 0].astype(np.float64))
+    pad = (g + 1) * bs - k
+    if pad > 0:
+        codes[:, k:] = qb.codes[:, bs - pad:]
+    if qb.zero_points is None:
+        return None
+    if zeros is None:
+        zeros = np.empty(scales.shape, qb.zero_points.dtype)
+    zeros[:, g] = qb.zero_points[:, 0]
+    zero_t[:, g] = torch.from_numpy(qb.zero_points[:, 0].astype(np.float64))
+    return zeros
+
+
+def output_error(w: torch.Tensor, q: Int4Blocks, h: torch.Tensor) -> float:
+    """||(W - deq(q)) X||_F / ||W X||_F = sqrt(tr(E H E^T) / tr(W H W^T)), E = W - deq(q), H = X X^T; rows in chunks
+    (E H is chunk x K)."""
+    num = den = 0.0
+    for r in range(0, w.shape[0], _ERROR_ROWS):
+        part = Int4Blocks(q.codes[r:r + _ERROR_ROWS], q.scales[r:r + _ERROR_ROWS],
+                          None if q.zero_points is None else q.zero_points[r:r + _ERROR_ROWS], q.block_size, q.k)
+        wr = w[r:r + _ERROR_ROWS]
+        e = wr - torch.from_numpy(dequantize_int4(part)).to(device=w.device, dtype=w.dtype)
+        num += float(((e @ h) * e).sum())
+        den += float(((wr @ h) * wr).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
