@@ -25,6 +25,7 @@ from qosora.export.genai import genai_config, tensorrt_shape_profile
 from qosora.export.graph import DATA_FILE, build_decoder_graph
 from qosora.export.options import ExportOptions, Format
 from qosora.export.source import WeightSource, open_source
+from qosora.export.tokenizer import make_portable
 
 REPORT_NAME = "export_report.json"
 
@@ -53,6 +54,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         t_build = time.perf_counter() - t0
         if src_dir is not None:
             copy_side_files(src_dir, tmp, SIDE_FILES + (CONFIG_NAME,))
+            make_portable(tmp)
         if not (tmp / "config.json").is_file():
             (tmp / "config.json").write_text(json.dumps(source.hf_config, indent=2, default=str))
         gen_cfg = json.loads((tmp / "generation_config.json").read_text()) if (tmp / "generation_config.json").is_file() else {}

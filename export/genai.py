@@ -18,6 +18,8 @@ def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, co
     inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
     providers = [{"cuda": {}}] if device == "cuda" else []
     eos = generation_config.get("eos_token_id", hf_config.get("eos_token_id"))
+    if eos is None or eos == []:
+        eos = -1  # no EOS: onnxruntime-genai refuses null and -1 alike, the latter with a message that says why
     pad = generation_config.get("pad_token_id", hf_config.get("pad_token_id"))
     return {
         "model": {
