@@ -1,14 +1,18 @@
 """Calibration for `gptq`: the input Hessian H = sum over tokens of x x^T [K, K] (float64) of every linear of a
 transformers decoder (Llama, Mistral, Qwen2), collected one decoder layer at a time.
 
-    tokens [S, T] ─> embedding ─> h_0 ─> layer 0 (hooks: H of each linear input) ─> h_1 ─> ... ─> h_L ─> norm ─> H(lm_head)
+    tokens [S, T] ─> embedding ─> h_0 ─> layer 0 (hooks: H of its linears' inputs) ─> h_1 ─> ... ─> h_L
+                                                                             h_L ─> norm ─> H of lm_head's input
 
-A full forward per sample would be simple but keeps nothing streamed; here each layer's outputs replace its
-inputs batch by batch, so at most one layer's activations [S, T, E] are stored at any time (a 7B model with 128 x
-2048 tokens: 4 GiB in float32, not 32 layers of it). The layer's other arguments (rotary cos/sin, the causal
-mask, per-layer sliding-window masks of Qwen2/Mistral, position ids) are whatever the model itself passes: one
-forward of the decoder with every layer replaced by an identity that records its arguments, which also yields
-the embeddings. Linears that read the same tensor (q/k/v, gate/up) share one H, found by identity of their input.
+Why layer by layer, not one hooked full-model forward per batch: only one decoder layer runs at a time (so a 7B
+model's layers could be moved to the accelerator one by one; not done yet), and layer i+1's inputs are layer i's
+outputs held here, which is where GPTQ's sequential mode (layer i+1 calibrated on the quantized layer i) plugs in.
+The price is one layer's activations for all samples [S, T, E], stored once: each layer's outputs replace its
+inputs batch by batch (a 7B model with 128 x 2048 tokens: 4 GiB in float32, not 32 layers of it). The layer's
+other arguments (rotary cos/sin, the causal mask or None under sdpa, the sliding-window masks of Mistral/Qwen2,
+position ids) are whatever the model itself passes: one forward of the decoder with every layer replaced by an
+identity that records its arguments, which also yields the embeddings. Linears that read the same tensor (q/k/v,
+gate/up) share one H, found by identity of their input.
 
 `load_calibration_tokens` samples fixed-length windows of token ids from a JSONL file (seeded).
 """
@@ -19,9 +23,9 @@ import json
 import random
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -37,8 +41,9 @@ def load_calibration_tokens(path: str | Path, tokenizer, samples: int, seq_len: 
 
     Every row is rendered to text ({"text"}; {"prompt", "completion"} and {"question", "answer"} concatenated;
     {"messages"} through the tokenizer's chat template, or the contents joined by newlines without one),
-    tokenized with the tokenizer's special tokens (+ EOS where the text does not end with it), and the rows concatenated in file order; the stream is
-    cut into disjoint windows and `samples` of them are drawn with `seed`, so no token is counted twice.
+    tokenized with the tokenizer's special tokens (+ EOS where the text does not end with it), and the rows
+    concatenated in file order; the stream is cut into disjoint windows and `samples` of them are drawn with
+    `seed`, so no token is counted twice.
     """
     path = Path(path)
     if samples < 1 or seq_len < 1:
@@ -107,6 +112,7 @@ class StreamStats:
     """What a `stream_hessians` run measured.
 
     tokens            calibration tokens seen by every linear (samples x seq_len)
+    layers            decoder layers done
     peak_held_layers  peak bytes of stored activations / one layer's activations, measured after every batch of
                       every layer: 1.0 when each layer's outputs replace its inputs (streamed)
     """
@@ -119,33 +125,35 @@ class StreamStats:
 @dataclass
 class Calibration:
     """hessians: linear name -> H float64 [K, K] (names reading the same input share one tensor); tokens: the
-    number of calibration tokens summed into each H."""
+    calibration tokens summed into each H; peak_held_layers: as in `StreamStats`."""
 
     hessians: dict[str, torch.Tensor]
     tokens: int
     peak_held_layers: float
-    stats: StreamStats = field(repr=False, default_factory=StreamStats)
 
 
-def collect_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian_device="cpu") -> Calibration:
+def collect_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian_device="cpu",
+                     progress: Callable[[int, int], None] | None = None) -> Calibration:
     """Every linear's input Hessian of `model` on `tokens` [S, T] (see `stream_hessians`), as one dict. For large
     models prefer `stream_hessians`: a 7B model's Hessians are ~1.4 GB a layer in float64."""
     stats = StreamStats()
     hessians: dict[str, torch.Tensor] = {}
-    for layer in stream_hessians(model, tokens, batch_size=batch_size, hessian_device=hessian_device, stats=stats):
+    for layer in stream_hessians(model, tokens, batch_size=batch_size, hessian_device=hessian_device, stats=stats,
+                                 progress=progress):
         hessians.update(layer)
-    return Calibration(hessians, stats.tokens, stats.peak_held_layers, stats)
+    return Calibration(hessians, stats.tokens, stats.peak_held_layers)
 
 
 @torch.no_grad()
 def stream_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian_device="cpu",
-                    stats: StreamStats | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    stats: StreamStats | None = None, progress: Callable[[int, int], None] | None = None
+                    ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield {linear name: H} for decoder layer 0, 1, ..., then {"lm_head": H} of the final norm's output.
 
     `model` is a transformers *ForCausalLM (its decoder `model.get_decoder()` with `.layers` and `.norm`); names
     are the model's module names (model.layers.0.self_attn.q_proj, lm_head). tokens [S, T] int64, run in batches of
     `batch_size` on the model's device; each H is accumulated there in float64 and handed over on
-    `hessian_device`. `stats` (optional) is filled as the stream runs.
+    `hessian_device`. `stats` (optional) is filled as the stream runs; `progress(done, total)` after each layer.
     """
     stats = stats if stats is not None else StreamStats()
     decoder = model.get_decoder()
@@ -159,7 +167,7 @@ def stream_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian
         held = _HeldActivations(hidden)
         stats.tokens = int(tokens.numel())
         for i, layer in enumerate(decoder.layers):
-            hooks = _InputHessians({names[id(m)]: m for m in layer.modules() if isinstance(m, torch.nn.Linear)})
+            hooks = _InputHessians({names[id(m)]: m for m in _linears(layer)})
             with hooks.attached():
                 for b in range(len(hidden)):
                     args, kwargs = layer_args[tuple(hidden[b].shape)][i]
@@ -168,6 +176,8 @@ def stream_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian
                     hooks.end_of_forward()
                     stats.peak_held_layers = max(stats.peak_held_layers, held.sets())
             stats.layers = i + 1
+            if progress:
+                progress(i + 1, len(decoder.layers))
             yield hooks.hessians(hessian_device)
         head = model.get_output_embeddings()
         h_head = None
@@ -178,6 +188,49 @@ def stream_hessians(model, tokens: torch.Tensor, *, batch_size: int = 4, hessian
         yield {names[id(head)]: h_head.to(hessian_device)}
     finally:
         model.train(was_training)
+
+
+class LayerHessians:
+    """`stream_hessians` as the exporter asks for it, in layer order: `hessians(module)` is the module's H, or None
+    for a module that has none (the embedding). Asking for a later layer advances the stream and drops every earlier
+    layer's Hessians, so one layer's are held at a time; asking for a dropped layer is an error."""
+
+    def __init__(self, stream: Iterator[dict[str, torch.Tensor]]):
+        self._stream = stream
+        self._current: dict[str, torch.Tensor] = {}
+        self._index = -1  # `architectures.layer_index` of the current layer (1 << 30: lm_head)
+        self._exhausted = False
+
+    def __call__(self, module: str) -> torch.Tensor | None:
+        from qosora.architectures import layer_index
+
+        want = layer_index(module)
+        if want < 0:
+            return None
+        while self._index < want and not self._exhausted:
+            self._current = {}  # drop the finished layer before the next one is computed
+            nxt = next(self._stream, None)
+            if nxt is None:
+                self._exhausted = True
+            else:
+                self._current, self._index = nxt, layer_index(next(iter(nxt)))
+        if want < self._index:
+            raise RuntimeError(f"{module}: the Hessians of its layer were dropped; ask for modules in layer order")
+        return self._current.get(module) if want == self._index else None
+
+
+def _linears(layer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layer's outermost linear-like modules: nn.Linear, or anything with in_features / out_features (qosora's
+    SVDAdapterLinear, a bitsandbytes or PEFT linear), not the modules inside one of them."""
+    found: list[str] = []
+    out = []
+    for name, m in layer.named_modules():
+        inside = any(name.startswith(f + ".") for f in found)
+        linear_like = isinstance(m, torch.nn.Linear) or (hasattr(m, "in_features") and hasattr(m, "out_features"))
+        if linear_like and not inside:
+            found.append(name)
+            out.append(m)
+    return out
 
 
 def _accumulate(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,10 @@ def genai_config(spec: DecoderSpec, hf_config: dict, generation_config: dict, co
     if eos is None or eos == []:
         eos = -1  # no EOS: onnxruntime-genai refuses null and -1 alike, the latter with a message that says why
     pad = generation_config.get("pad_token_id", hf_config.get("pad_token_id"))
+    bos = hf_config.get("bos_token_id")
     return {
         "model": {
-            "bos_token_id": hf_config.get("bos_token_id"),
+            **({"bos_token_id": bos} if bos is not None else {}),  # onnxruntime-genai refuses null ids
             "context_length": context_length,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},

@@ -40,7 +40,7 @@ from qosora.export.quantizers import QUANTIZERS, quantize_int4
 
 LAZY_BATCH = 128  # columns per deferred update (the GPTQ paper's B); rounded up to a multiple of the block size
 _DAMP_RETRIES = 4  # a Hessian that is not positive definite after damping gets 10x the damping, this many times
-_ERROR_ROWS = 4096  # rows of W - Q per chunk when the output error is measured (E H is chunk x K)
+_ERROR_ROWS = 4096  # rows per chunk of tr(A H A^T) (A H is chunk x K)
 
 
 @dataclass
@@ -48,9 +48,9 @@ class GPTQResult:
     """One linear quantized by `gptq_quantize`.
 
     q                 the int4 weight, in the representation the scheme's data-free quantizer returns
-    output_error      ||(W - deq(q)) X||_F / ||W X||_F, from H: sqrt(tr(E H E^T) / tr(W H W^T))
-    rtn_output_error  the same for the data-free scheme on W (`quantize_int4`, what export writes uncalibrated)
-    damp              the absolute damping added to diag(H)
+    output_error      ||(W - deq(q)) X||_F / ||W X||_F = sqrt(tr(E H E^T) / tr(W H W^T)), E = W - deq(q)
+    rtn_output_error  the same for the data-free scheme on W (`quantize_int4`: what export writes uncalibrated)
+    damp              the absolute damping lambda added to diag(H)
     """
 
     q: Int4Blocks
@@ -59,40 +59,76 @@ class GPTQResult:
     damp: float
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, block_size: int, scheme: Int4Scheme = "sym", *,
-                  damp: float = 0.01, act_order: bool = False, lazy_batch: int = LAZY_BATCH,
+@dataclass
+class InverseHessian:
+    """H prepared for the sweep, once per input: q/k/v (and gate/up) read the same x, so they share one.
+
+    h     float [K, K]  H itself, for the error figures
+    u     float [K, K]  upper, (H + damp I)^-1 = U^T U, rows and columns in sweep order (`perm`)
+    perm  int64 [K]     sweep order: 0..K-1, or decreasing diag(H) with act_order
+    dead  bool [K]      inputs that are always 0 (H_jj = 0); their weights are set to 0
+    damp  float         the absolute damping lambda
+    """
+
+    h: torch.Tensor
+    u: torch.Tensor
+    perm: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+
+def inverse_hessian(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = False,
+                    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> InverseHessian:
+    """H = sum x x^T [K, K] -> `InverseHessian` on `device` (default: H's) in `dtype` (float32, or float64)."""
+    hess = h.detach().to(device=device or h.device, dtype=dtype).clone()  # [K, K]
+    dead = torch.diagonal(hess) == 0
+    hess[dead, dead] = 1.0
+    k = hess.shape[0]
+    perm = (torch.argsort(torch.diagonal(hess), descending=True, stable=True) if act_order
+            else torch.arange(k, device=hess.device))
+    permuted = hess[perm][:, perm] if act_order else hess.clone()
+    u, lam = _inverse_cholesky(permuted, damp)
+    hess[dead, dead] = 0.0
+    return InverseHessian(hess, u, perm, dead, lam)
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor | InverseHessian, block_size: int, scheme: Int4Scheme = "sym",
+                  *, damp: float = 0.01, act_order: bool = False, lazy_batch: int = LAZY_BATCH,
                   errors: bool = True) -> GPTQResult:
-    """Quantize W [N, K] (float32 or float64, any device) to blockwise int4 given H = sum x x^T [K, K].
+    """Quantize W [N, K] (float32 or float64, any device) to blockwise int4, given H = sum x x^T [K, K] or its
+    `inverse_hessian` (then `damp` and `act_order` are the ones it was made with).
 
     act_order: quantize columns in order of decreasing H_jj (GPTQ's "desc_act"); the blocks stay contiguous along
-    the original K, each block's grid is chosen when its first column in that order is reached. errors=False
-    skips the two output-error traces (each costs about as much as the sweep); they are then NaN.
+    the original K, each block's grid is chosen when its first column in that order is reached. The GPTQ error is
+    free (below); errors=False skips the two traces tr(W H W^T) and RTN's (each N K^2, like the sweep): NaN then.
     """
     if scheme not in QUANTIZERS:
         raise ValueError(f"unknown int4 scheme {scheme!r}; choose one of {', '.join(QUANTIZERS)}")
     n, k = w.shape
-    if h.shape != (k, k):
-        raise ValueError(f"gptq_quantize: H has shape {tuple(h.shape)}, W [{n}, {k}] needs [{k}, {k}]")
+    if tuple(h.h.shape if isinstance(h, InverseHessian) else h.shape) != (k, k):
+        raise ValueError(f"gptq_quantize: H is not [{k}, {k}] as W [{n}, {k}] needs")
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-    weight = w.detach().to(dt).clone()  # [N, K], updated in place by the sweep
-    hess = h.detach().to(device=w.device, dtype=dt).clone()  # [K, K]
-
-    dead = torch.diagonal(hess) == 0
-    hess[dead, dead] = 1.0
+    inv = h if isinstance(h, InverseHessian) else inverse_hessian(h, damp=damp, act_order=act_order,
+                                                                   device=w.device, dtype=dt)
+    weight = w.detach().to(dt).clone()  # [N, K]
+    dead = inv.dead.to(w.device)
     weight[:, dead] = 0.0
-    perm = (torch.argsort(torch.diagonal(hess), descending=True, stable=True) if act_order
-            else torch.arange(k, device=w.device))
-    weight, hess = weight[:, perm], hess[perm][:, perm]
-    u_inv, damp_abs = _inverse_cholesky(hess, damp)
-    del hess
-
-    q = _sweep(weight, u_inv, perm, block_size, scheme, -(-lazy_batch // block_size) * block_size)
+    perm = inv.perm.to(w.device)
+    q, err_sq = _sweep(weight[:, perm], inv.u.to(device=w.device, dtype=dt), perm, block_size, scheme,
+                       -(-lazy_batch // block_size) * block_size)
     if not errors:
-        return GPTQResult(q, float("nan"), float("nan"), damp_abs)
-    h_ref = h.detach().to(device=w.device, dtype=dt)
+        return GPTQResult(q, float("nan"), float("nan"), inv.damp)
+    # The sweep leaves W - Q = Err U, so ||Err||^2 = tr(E H' E^T), H' = H + lambda I + (1 on dead inputs' diagonal)
+    # the matrix factored, E from the dead-zeroed W (H ignores dead columns): tr(E H E^T) for free.
+    hess = inv.h.to(device=w.device, dtype=dt)
+    e = weight - _dequantized(q, weight)
+    gptq_sq = err_sq - inv.damp * float(e.double().square().sum()) - float(e[:, dead].double().square().sum())
     w_ref = w.detach().to(dt)
     rtn = quantize_int4(w_ref.float().cpu().numpy(), block_size, scheme)
-    return GPTQResult(q, output_error(w_ref, q, h_ref), output_error(w_ref, rtn, h_ref), damp_abs)
+    ref = h_trace(w_ref, hess)
+    rtn_sq = h_trace(w_ref - _dequantized(rtn, w_ref), hess)
+    ratio = lambda sq: (max(sq, 0.0) / ref) ** 0.5 if ref > 0 else 0.0  # noqa: E731
+    return GPTQResult(q, ratio(gptq_sq), ratio(rtn_sq), inv.damp)
 
 
 def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -115,9 +151,9 @@ def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, fl
 
 
 def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_size: int, scheme: Int4Scheme,
-           lazy_batch: int) -> Int4Blocks:
-    """The OBS sweep over the (permuted) columns of weight [N, K]; u_inv [K, K] upper. Returns the codes, scales
-    and zero points in the original column order."""
+           lazy_batch: int) -> tuple[Int4Blocks, float]:
+    """The OBS sweep over the (permuted) columns of weight [N, K], updated in place; u_inv [K, K] upper. Returns
+    the codes, scales and zero points in the original column order, and ||Err||_F^2 (the damped loss)."""
     n, k = weight.shape
     nb = -(-k // block_size)
     perm_cpu = perm.cpu()
@@ -132,6 +168,7 @@ def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_
     zero_t = torch.full((n, nb), 8.0, dtype=torch.float64, device=weight.device)
     codes_t = torch.empty((n, k), dtype=torch.uint8, device=weight.device)  # processing order
     seen = [False] * nb
+    err_sq = 0.0
 
     for i1 in range(0, k, lazy_batch):
         i2 = min(i1 + lazy_batch, k)
@@ -154,9 +191,10 @@ def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         weight[:, i2:] -= err1 @ u_inv[i1:i2, i2:]  # the deferred updates of the later columns
+        err_sq += float(err1.double().square().sum())
 
     codes[:, perm_cpu.numpy()] = codes_t.cpu().numpy()
-    return Int4Blocks(codes, scales, zeros, block_size, k)
+    return Int4Blocks(codes, scales, zeros, block_size, k), err_sq
 
 
 def _current_columns(cols: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor,
@@ -186,7 +224,7 @@ def _store_grid(qb: Int4Blocks, g: int, k: int, scales: np.ndarray, codes: np.nd
     """Record group g's grid (and the scheme's codes for K's zero padding); returns the zero-point array."""
     bs = qb.block_size
     scales[:, g] = qb.scales[:, 0]
-    scale_t[:, g] = torch.from_numpy(qb.scales[:, 0].astype(np.float64))
+    scale_t[:, g] = torch.from_numpy(qb.scales[:, 0].astype(np.float64)).to(scale_t.device)
     pad = (g + 1) * bs - k
     if pad > 0:
         codes[:, k:] = qb.codes[:, bs - pad:]
@@ -195,19 +233,15 @@ def _store_grid(qb: Int4Blocks, g: int, k: int, scales: np.ndarray, codes: np.nd
     if zeros is None:
         zeros = np.empty(scales.shape, qb.zero_points.dtype)
     zeros[:, g] = qb.zero_points[:, 0]
-    zero_t[:, g] = torch.from_numpy(qb.zero_points[:, 0].astype(np.float64))
+    zero_t[:, g] = torch.from_numpy(qb.zero_points[:, 0].astype(np.float64)).to(zero_t.device)
     return zeros
 
 
-def output_error(w: torch.Tensor, q: Int4Blocks, h: torch.Tensor) -> float:
-    """||(W - deq(q)) X||_F / ||W X||_F = sqrt(tr(E H E^T) / tr(W H W^T)), E = W - deq(q), H = X X^T; rows in chunks
-    (E H is chunk x K)."""
-    num = den = 0.0
-    for r in range(0, w.shape[0], _ERROR_ROWS):
-        part = Int4Blocks(q.codes[r:r + _ERROR_ROWS], q.scales[r:r + _ERROR_ROWS],
-                          None if q.zero_points is None else q.zero_points[r:r + _ERROR_ROWS], q.block_size, q.k)
-        wr = w[r:r + _ERROR_ROWS]
-        e = wr - torch.from_numpy(dequantize_int4(part)).to(device=w.device, dtype=w.dtype)
-        num += float(((e @ h) * e).sum())
-        den += float(((wr @ h) * wr).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
+def _dequantized(q: Int4Blocks, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(dequantize_int4(q)).to(device=like.device, dtype=like.dtype)
+
+
+def h_trace(a: torch.Tensor, h: torch.Tensor) -> float:
+    """tr(A H A^T) = ||A X||_F^2 for H = X X^T, A [N, K], rows in chunks (A H is chunk x K)."""
+    return sum(float(((a[r:r + _ERROR_ROWS] @ h) * a[r:r + _ERROR_ROWS]).sum())
+               for r in range(0, a.shape[0], _ERROR_ROWS))

@@ -20,6 +20,7 @@ from qosora.errors import QosoraError
 from qosora.threads import configure_threads
 
 COMMANDS = ["demo", "prepare", "train", "merge", "convert", "export", "generate", "eval", "plan", "inspect"]
+COMMANDS.append("bench")  # qosora/commands/bench.py: prefill / decode speed of an exported directory
 _OUTPUT_ARGS = ("out", "onnx")  # the verbs' output-directory flags
 
 

@@ -93,7 +93,7 @@ def test_cli_export_json_and_generate(hf_dir, tmp_path, capsys):
     assert report["options"]["block_size"] == 16 and report["parity"]["summary"]["new_tokens"] == 4
     assert main(["generate", str(out), "--prompt", "w5 w6 w7", "--max-new-tokens", "5", "--json"]) == 0
     gen = json.loads(capsys.readouterr().out)
-    assert len(gen["new_tokens"]) == 5 and gen["prompt_tokens"] == 3
+    assert gen["new_tokens"] == len(gen["token_ids"]) == 5 and gen["prompt_tokens"] == 3
     assert main(["export", "/nonexistent", "--onnx", str(tmp_path / "x")]) == 2
 
 

@@ -14,6 +14,7 @@ CASES = {
     "merge": (["merge", "{w}/hf", "--out", "{w}/o", "--json"], "not a qosora directory"),
     "export": (["export", "{p}", "--onnx", "{w}/o", "--check-tokens", "-1", "--json"], "--check-tokens must be >= 0"),
     "generate": (["generate", "{w}/hf", "--prompt", "hi", "--json"], "model.onnx"),
+    "bench": (["bench", "{w}/hf", "--json"], "model.onnx"),
     "eval": (["eval", "{p}", "--data", "{d}", "--batch-size", "0", "--json"], "--batch-size must be >= 1"),
     "plan": (["plan", "--config", "llama-2-7b", "--rank", "0", "--json"], "--rank must be >= 1"),
     "inspect": (["inspect", "{w}/nowhere", "--json"], "nowhere"),

@@ -50,7 +50,7 @@ def run(args) -> int:
     from qosora.errors import QosoraError
     from qosora.export.api import export_onnx
     from qosora.fixtures import smollm2_dir
-    from qosora.run.generate import generate
+    from qosora.run.generator import generate
     from qosora.train.loop import finetune
 
     say = (lambda m: print(m, file=sys.stderr)) if args.json else print  # noqa: E731
