@@ -49,8 +49,13 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
     src_dir = source.directory
     bar = _progress_bar(progress)
 
+    calibration, hessians = None, None
+    if opts.calibrate is not None:
+        if reference_model is None:
+            reference_model = load_reference_model(src_dir)
+        calibration, hessians = _calibration(opts, src_dir, reference_model)
     with atomic_directory(out_dir, overwrite=overwrite, inputs=[src_dir] if src_dir else []) as tmp:
-        built = build_decoder_graph(source, opts, tmp, progress=bar)
+        built = build_decoder_graph(source, opts, tmp, progress=bar, hessians=hessians)
         t_build = time.perf_counter() - t0
         if src_dir is not None:
             copy_side_files(src_dir, tmp, SIDE_FILES + (CONFIG_NAME,))
@@ -85,6 +90,8 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
             },
             "timing_s": {"build": round(t_build, 3)},
         }
+        if calibration is not None:
+            report["calibration"] = calibration.report()
         if opts.format == "trt-int4":
             report["tensorrt"] = tensorrt_shape_profile(built.spec, trt_max_batch, context)
         if check:
@@ -104,6 +111,33 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2))
     report["out_dir"] = str(Path(out_dir))
     return report
+
+
+class _CalibrationRun:
+    """What the report says of a calibrated export: the data, and the streamed run's own measurements."""
+
+    def __init__(self, opts: ExportOptions, tokens: int, stats):
+        self.opts, self.tokens, self.stats = opts, tokens, stats
+
+    def report(self) -> dict:
+        o = self.opts
+        return {"file": str(o.calibrate), "samples": o.calibration_samples, "seq_len": o.calibration_seq_len,
+                "seed": o.calibration_seed, "tokens": self.tokens, "method": "gptq",
+                "peak_held_layers": self.stats.peak_held_layers, "layers": self.stats.layers}
+
+
+def _calibration(opts: ExportOptions, src_dir: Path | None, model):
+    """The calibration windows and the streamed per-layer input Hessians of `model` on them (GPTQ's statistics),
+    consumed in layer order by the graph builder."""
+    if src_dir is None:
+        raise QosoraError("--calibrate needs a source directory with a tokenizer (pass a directory, not a WeightSource)")
+    from qosora.export.calibration import LayerHessians, StreamStats, load_calibration_tokens, stream_hessians
+    from qosora.loading import load_tokenizer
+
+    tokens = load_calibration_tokens(opts.calibrate, load_tokenizer(src_dir), opts.calibration_samples,
+                                     opts.calibration_seq_len, opts.calibration_seed)
+    stats = StreamStats()
+    return _CalibrationRun(opts, int(tokens.numel()), stats), LayerHessians(stream_hessians(model, tokens, stats=stats))
 
 
 def load_reference_model(src_dir: Path | None):

@@ -130,9 +130,11 @@ def _int4_linear(linear: LinearEmitter, x: str, module: str, matmul: Int4MatMul)
         return matmul(x, module, linear.quantize_merged(module))
     res = linear.src.residual_dense(module)
     b, a = linear.src.lowrank(module)
-    q = linear.int4(res)
+    note: dict = {}
+    q = linear.int4(res, module, note)  # the branch stays exact, so the residual's error under H is the layer's
     merged = res + b @ a
     linear.record(module, merged, dequantize_int4(q) + b @ a, kept_rank=a.shape[0])
+    linear.errors[module].update(note)
     del res, merged
     return linear.w.op("Add", [matmul(x, module, q), linear.lowrank_branch(x, module, b, a)])
 

@@ -41,8 +41,10 @@ class BuildResult:
 
 
 def build_decoder_graph(src: WeightSource, opts: ExportOptions, out_dir: Path,
-                        progress: Callable[[int, int], None] | None = None) -> BuildResult:
-    """Write out_dir/model.onnx (+ model.onnx.data) for `src` in format `opts.format`.
+                        progress: Callable[[int, int], None] | None = None,
+                        hessians: Callable[[str], object] | None = None) -> BuildResult:
+    """Write out_dir/model.onnx (+ model.onnx.data) for `src` in format `opts.format`; `hessians` (module -> its
+    input Hessian, asked for in layer order) turns on calibrated int4 quantization.
 
         input_ids ─> embed ─> RMSNorm ─> [decoder layer i, past_i -> present_i] x L ─> lm_head ─> logits
                                           ^ attention's shared inputs (from attention_mask, and position_ids
@@ -55,7 +57,7 @@ def build_decoder_graph(src: WeightSource, opts: ExportOptions, out_dir: Path,
     w = GraphWriter(out_dir / DATA_FILE)
     try:
         fmt = FORMAT_EMITTERS[opts.format]
-        linear = LinearEmitter(w, src, opts, fmt.linear, fmt.fused)
+        linear = LinearEmitter(w, src, opts, fmt.linear, fmt.fused, hessians)
         dt = opts.dtype
         norm = Norms(w, src, spec, dt, opts.fused_norms)
         with w.scope("model/embed_tokens"):

@@ -47,8 +47,10 @@ class LinearEmitter:
     """Builds the linears of one export in the format whose emitters it is given; records each one's error."""
 
     def __init__(self, w: GraphWriter, src: WeightSource, opts: ExportOptions, emit: EmitLinear,
-                 emit_fused: EmitFused | None = None):
+                 emit_fused: EmitFused | None = None, hessians: Callable[[str], object] | None = None):
         self.w, self.src, self.opts, self.dtype = w, src, opts, opts.dtype
+        self.hessians = hessians  # module -> its input Hessian (calibration), or None: data-free quantizers
+        self._inverse: tuple[object, object] | None = None  # (H, its factorisation): q/k/v and gate/up share one
         self.errors: dict[str, dict] = {}
         self._emit, self._emit_fused = emit, emit_fused
         self._block_sums: dict[tuple[str, int], str] = {}
@@ -74,13 +76,27 @@ class LinearEmitter:
         return outputs[0] if len(outputs) == 1 else self.w.op("Concat", outputs, axis=-1)
 
     # -- int4 -----------------------------------------------------------------------------------------------
-    def int4(self, weight: np.ndarray) -> Int4Blocks:
-        return quantize_int4(weight, self.opts.block_size, self.opts.int4_scheme)
+    def int4(self, weight: np.ndarray, module: str | None = None, note: dict | None = None) -> Int4Blocks:
+        """The --int4-scheme quantizer; with calibration data and a module that has an input Hessian, GPTQ on the
+        same grid (`gptq.gptq_quantize`), its output errors (compensated and data-free) added to `note`."""
+        h = self.hessians(module) if self.hessians is not None and module is not None else None
+        if h is None:
+            return quantize_int4(weight, self.opts.block_size, self.opts.int4_scheme)
+        import torch
+
+        from qosora.export.gptq import gptq_quantize, inverse_hessian
+
+        if self._inverse is None or self._inverse[0] is not h:
+            self._inverse = (h, inverse_hessian(h))
+        r = gptq_quantize(torch.from_numpy(weight), self._inverse[1], self.opts.block_size, self.opts.int4_scheme)
+        if note is not None:
+            note.update(output_error=r.output_error, output_error_uncalibrated=r.rtn_output_error)
+        return r.q
 
     def quantize_merged(self, module: str, **note) -> Int4Blocks:
         """int4 of the merged weight, its requantization error recorded."""
         weight = self.src.dense(module)
-        q = self.int4(weight)
+        q = self.int4(weight, module, note)
         self.errors[module] = {"shape": list(weight.shape), "rel_error": int4_relative_error(weight, q), **note}
         return q
 

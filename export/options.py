@@ -65,6 +65,12 @@ class ExportOptions:
     attention: Attention | None = option(None, "gqa: onnxruntime's fused GroupQueryAttention (rotary inside; CPU "
                                                "and CUDA); standard: default-domain ops only (any runtime, TensorRT) "
                                                "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
+    calibrate: str | None = option(None, "JSONL text (text / prompt+completion / question+answer / messages rows) to "
+                                         "calibrate int4 / trt-int4 weights with: GPTQ error compensation on the "
+                                         "--int4-scheme grid, from each linear's input Hessian (default: off)")
+    calibration_samples: int = option(32, "calibration windows drawn (seeded) from --calibrate", min=1)
+    calibration_seq_len: int = option(512, "tokens per calibration window", min=16)
+    calibration_seed: int = option(0, "seed of the calibration window draw", min=0)
     io_dtype: IoDtype | None = option(None, "activations, KV cache and logits of int4/nf4/trt-int4 graphs (default: "
                                             "float32 on cpu, float16 on cuda, whose GroupQueryAttention needs it)")
 
@@ -99,6 +105,8 @@ class ExportOptions:
         if opts.device == "cuda" and opts.attention == "gqa" and opts.dtype != "float16":
             raise QosoraError("onnxruntime's CUDA GroupQueryAttention needs float16: drop --io-dtype float32, or use "
                               "--attention standard")
+        if opts.calibrate is not None and fmt not in INT4_FORMATS:
+            raise QosoraError(f"--calibrate applies to --format {' and '.join(INT4_FORMATS)} (the requantized weights)")
         if opts.keep_principal and fmt not in INT4_FORMATS:
             raise QosoraError(f"--keep-principal applies to --format {' and '.join(INT4_FORMATS)}")
         return opts

@@ -14,7 +14,8 @@ Weights (`--weights`):
                    sigma_j = (1 + j)^-ALPHA, j < k = min(COMPONENTS, min(d_out, d_in) / 2)   (sigma_1 = 1)
                    E ~ N(0, eps^2), eps (sqrt(d_out) + sqrt(d_in)) = sigma_k   (noise floor where the decay ends)
                so the top-r SVD of a rank-128 split keeps a power-law head and the NF4 residual is a realistic
-               mix of tail directions and noise; spectral norms ~1, embedding rows of norm ~1, norm gains ~1.
+               mix of tail directions and noise. Spectral norms ~1, except lm_head, whose rows have norm ~1 (logits
+               of std ~1, so greedy decoding has clear winners); embedding rows of norm ~1, norm gains ~1.
 
 Every tensor is generated in row blocks of BLOCK_BYTES (fp32) from its own seeded generator (seed, tensor name) and
 written as it is made (`qosora.shards.ShardedWriter`), so the writer holds one tensor in the output dtype plus one
@@ -33,10 +34,10 @@ import time
 import zlib
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
-from qosora.files import atomic_directory
-from qosora.shards import ShardedWriter
+if TYPE_CHECKING:  # torch is imported where tensors are made: the shape helpers stay light (tools/rehearse_7b.py)
+    import torch
 
 _BASE = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "attention_bias": False,
@@ -60,14 +61,14 @@ DEFAULTS = {  # per shape: (dtype, weights, shard bytes) as the model is usually
     "llama2-7b": ("bfloat16", "decaying", 5 * 10**9),
     "llama3-8b": ("bfloat16", "decaying", 5 * 10**9),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 WEIGHTS = ("gaussian", "decaying")
 
 COMPONENTS = 512       # directions of the power-law head of each spectrum (at most min(d_out, d_in) / 2)
 ALPHA = 0.7            # sigma_j = (1 + j)^-ALPHA: sigma_1 / sigma_128 = 30
 NORM_GAIN_STD = 0.02   # RMSNorm gains 1 + N(0, 0.02^2)
 BLOCK_BYTES = 64 << 20  # fp32 working block while generating a tensor
-TOKENIZER_VOCAB = 4096  # byte-level BPE trained on the demo data; stops early when it runs out of merges
+TOKENIZER_VOCAB = 4096  # learnt ids at most (BPE on the demo data stops earlier, when it runs out of merges)
 SPECIALS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 as in Llama-2's tokenizer
 
 
@@ -111,20 +112,25 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
         out += [(f"{p}.input_layernorm.weight", (h,)), (f"{p}.post_attention_layernorm.weight", (h,))]
         out += [(f"{p}.self_attn.{n}.weight", s) for n, s in
                 (("q_proj", (q, h)), ("k_proj", (kv, h)), ("v_proj", (kv, h)), ("o_proj", (h, q)))]
-        out += [(f"{p}.mlp.{n}.weight", s) for n, s in (("gate_proj", (m, h)), ("up_proj", (m, h)), ("down_proj", (h, m)))]
+        out += [(f"{p}.mlp.{n}.weight", s) for n, s in
+                (("gate_proj", (m, h)), ("up_proj", (m, h)), ("down_proj", (h, m)))]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def _gaussian_tensors(cfg: dict, dtype: torch.dtype):
+def _gaussian_tensors(cfg: dict, dtype: "torch.dtype"):
     """N(0, 0.02^2) matrices and unit norms from one generator (seed 0), drawn in the order the 1.1B streaming
     benchmark has always used."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     for name, shape in tensor_shapes(cfg):
         t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(*shape, generator=g) * 0.02
         yield name, t.to(dtype)
 
 
-def _generator(seed: int, name: str, device: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: str) -> "torch.Generator":
+    import torch
+
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
@@ -132,13 +138,22 @@ def _rows_per_block(d_in: int) -> int:
     return max(1, BLOCK_BYTES // (4 * d_in))
 
 
-def decaying_matrix(d_out: int, d_in: int, g: torch.Generator, dtype: torch.dtype = torch.float32,
-                    device: str = "cpu") -> torch.Tensor:
-    """W = U diag(sigma) V + E (module docstring), built in fp32 row blocks, returned in `dtype` on the CPU."""
+def decaying_matrix(d_out: int, d_in: int, g: "torch.Generator", dtype: "torch.dtype | None" = None,
+                    device: str = "cpu", row_norm: float | None = None) -> "torch.Tensor":
+    """W = U diag(sigma) V + E (module docstring), built in fp32 row blocks, returned in `dtype` (fp32) on the CPU.
+
+    `row_norm` rescales W so that its rows have that mean norm instead of sigma_1 = 1 (lm_head: logits of std ~1).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
     k = max(1, min(COMPONENTS, min(d_out, d_in) // 2))
     sigma = (1.0 + torch.arange(k, device=device, dtype=torch.float32)) ** -ALPHA  # (k,)
-    V = torch.randn(k, d_in, generator=g, device=device) / math.sqrt(d_in)       # (k, d_in)
     eps = float(sigma[-1]) / (math.sqrt(d_out) + math.sqrt(d_in))
+    if row_norm is not None:  # ||W||_F^2 ~ sum sigma^2 + eps^2 d_out d_in, spread over d_out rows
+        scale = row_norm * math.sqrt(d_out / (float((sigma**2).sum()) + eps**2 * d_out * d_in))
+        sigma, eps = sigma * scale, eps * scale
+    V = torch.randn(k, d_in, generator=g, device=device) / math.sqrt(d_in)       # (k, d_in)
     W = torch.empty(d_out, d_in, dtype=dtype)
     rows = _rows_per_block(d_in)
     for r0 in range(0, d_out, rows):
@@ -150,7 +165,9 @@ def decaying_matrix(d_out: int, d_in: int, g: torch.Generator, dtype: torch.dtyp
     return W
 
 
-def _embedding(v: int, h: int, g: torch.Generator, dtype: torch.dtype, device: str) -> torch.Tensor:
+def _embedding(v: int, h: int, g: "torch.Generator", dtype: "torch.dtype", device: str) -> "torch.Tensor":
+    import torch
+
     E = torch.empty(v, h, dtype=dtype)  # rows N(0, 1/h): norm ~1
     rows = _rows_per_block(h)
     for r0 in range(0, v, rows):
@@ -159,7 +176,9 @@ def _embedding(v: int, h: int, g: torch.Generator, dtype: torch.dtype, device: s
     return E
 
 
-def _decaying_tensors(cfg: dict, dtype: torch.dtype, seed: int, device: str):
+def _decaying_tensors(cfg: dict, dtype: "torch.dtype", seed: int, device: str):
+    import torch
+
     for name, shape in tensor_shapes(cfg):
         g = _generator(seed, name, device)
         if name.endswith("norm.weight"):
@@ -168,12 +187,15 @@ def _decaying_tensors(cfg: dict, dtype: torch.dtype, seed: int, device: str):
         elif name == "model.embed_tokens.weight":
             yield name, _embedding(*shape, g, dtype, device)
         else:
-            yield name, decaying_matrix(*shape, g, dtype, device)
+            yield name, decaying_matrix(*shape, g, dtype, device, row_norm=1.0 if name == "lm_head.weight" else None)
 
 
-def tensors(cfg: dict, weights: str = "decaying", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+def tensors(cfg: dict, weights: str = "decaying", dtype: "torch.dtype | None" = None, seed: int = 0,
             device: str = "cpu"):
-    """Yield (name, tensor) for every tensor of the checkpoint, one at a time."""
+    """Yield (name, tensor) for every tensor of the checkpoint, one at a time (bf16 unless `dtype` says)."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
     if weights == "gaussian":
         return _gaussian_tensors(cfg, dtype)
     if weights == "decaying":
@@ -192,18 +214,30 @@ def tokenizer_corpus() -> list[str]:
 
 
 def build_tokenizer(vocab_size: int):
-    """A byte-level BPE `tokenizers.Tokenizer` (any text encodes, no unknowns) with at most `vocab_size` ids:
-    <unk> 0, <s> 1, </s> 2, the 256 byte symbols, then merges learnt from `tokenizer_corpus()`. Encoding adds <s>,
-    as Llama's tokenizer does."""
+    """A byte-level BPE `tokenizers.Tokenizer` (any text encodes, no unknowns) with exactly `vocab_size` ids, as a
+    hub tokenizer covers its model's embedding rows: <unk> 0, <s> 1, </s> 2, the 256 byte symbols, the merges learnt
+    from `tokenizer_corpus()` (up to TOKENIZER_VOCAB ids), then filler tokens `<tok1234>` that no text encodes to but
+    every generated id decodes to. Encoding adds <s>, as Llama's tokenizer does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    def byte_level(model):
+        tok = Tokenizer(model)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    learnt = byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, TOKENIZER_VOCAB), special_tokens=list(SPECIALS),
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    learnt.train_from_iterator(tokenizer_corpus(), trainer)
+    model = json.loads(learnt.to_str())["model"]
+    vocab = dict(model["vocab"])
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for i in range(len(vocab), vocab_size):  # printable ASCII maps to itself in the byte-level alphabet
+        vocab[f"<tok{i}>"] = i
+    tok = byte_level(models.BPE(vocab, merges))
     bos = SPECIALS[1]
+    tok.add_special_tokens(list(SPECIALS))  # ids 0-2 already: registers them as special (skipped when decoding)
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
@@ -212,7 +246,7 @@ def build_tokenizer(vocab_size: int):
 def write_tokenizer(directory: Path, vocab_size: int, max_length: int) -> int:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json as the hub ships a fast tokenizer; returns
     the tokenizer's vocabulary size."""
-    tok = build_tokenizer(min(vocab_size, TOKENIZER_VOCAB))
+    tok = build_tokenizer(vocab_size)
     tok.save(str(directory / "tokenizer.json"))
     unk, bos, eos = SPECIALS
     specials = {"bos_token": bos, "eos_token": eos, "unk_token": unk}
@@ -224,7 +258,7 @@ def write_tokenizer(directory: Path, vocab_size: int, max_length: int) -> int:
 
 
 # --- the checkpoint ------------------------------------------------------------------------------------------
-def _largest_tensor_bytes(cfg: dict, dtype: torch.dtype) -> int:
+def _largest_tensor_bytes(cfg: dict, dtype: "torch.dtype") -> int:
     return max(math.prod(s) for _, s in tensor_shapes(cfg)) * dtype.itemsize
 
 
@@ -236,9 +270,14 @@ def write_checkpoint(out: str | Path, cfg: dict, *, dtype: str = "bfloat16", wei
     Shards stay under `shard_bytes` (Hugging Face's `max_shard_size`): a shard is closed once it comes within one
     largest tensor of the limit. The index carries `metadata.total_size` as the hub's does.
     """
+    import torch
+
+    from qosora.files import atomic_directory
+    from qosora.shards import ShardedWriter
+
     t0 = time.perf_counter()
     out = Path(out)
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     config = {**cfg, "torch_dtype": dtype, "dtype": dtype, "qosora_synthetic": True,
               "qosora_synthetic_weights": weights if weights == "gaussian" else
               {"weights": weights, "components": COMPONENTS, "alpha": ALPHA, "seed": seed}}
@@ -282,7 +321,8 @@ def is_complete(out: str | Path) -> bool:
 def add_shape_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shape", choices=list(SHAPES), default="tinyllama-1.1b", help="model family and dimensions")
     ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
-    ap.add_argument("--hidden", type=int, help="hidden size, a multiple of 64 (default: the shape's); MLP, heads follow")
+    ap.add_argument("--hidden", type=int, help="hidden size, a multiple of 64 (default: the shape's); MLP and heads "
+                    "follow")
     ap.add_argument("--vocab", type=int, help="vocabulary rows (default: the shape's)")
 
 
@@ -290,12 +330,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     add_shape_arguments(ap)
-    ap.add_argument("--dtype", choices=list(DTYPES), help="default: fp32 for tinyllama-1.1b, bf16 otherwise")
+    ap.add_argument("--dtype", choices=DTYPES, help="default: fp32 for tinyllama-1.1b, bf16 otherwise")
     ap.add_argument("--weights", choices=WEIGHTS, help="default: gaussian for tinyllama-1.1b, decaying otherwise")
     ap.add_argument("--shard-gb", type=float, help="largest shard in GB (default: 0.5 GiB for tinyllama-1.1b, 5 GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="where the decaying matrices are generated (cuda is faster)")
     ap.add_argument("--no-tokenizer", action="store_true", help="weights and config only")
+    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     args = ap.parse_args()
     try:
         cfg = scaled_config(args.shape, args.layers, args.hidden, args.vocab)
@@ -303,7 +344,7 @@ def main() -> None:
         ap.error(str(e))
     dtype, weights, shard = DEFAULTS[args.shape]
     if is_complete(args.out):
-        print(f"{args.out} exists")
+        print(json.dumps({"dir": args.out, "exists": True}) if args.json else f"{args.out} exists")
         return
     print(f"writing a SYNTHETIC {args.shape} checkpoint (random weights, not a trained model) to {args.out}",
           file=sys.stderr)
@@ -311,9 +352,12 @@ def main() -> None:
                                seed=args.seed, shard_bytes=int(args.shard_gb * 1e9) if args.shard_gb else shard,
                                device=args.device, tokenizer=not args.no_tokenizer,
                                log=lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(summary))
+        return
     n = summary["params"]
-    print(f"wrote {n / 1e9:.2f}B parameters ({summary['tensor_bytes'] / 2**30:.1f} GiB {args.dtype or dtype}, synthetic) "
-          f"to {args.out}")
+    size = f"{summary['tensor_bytes'] / 2**30:.1f} GiB {args.dtype or dtype}"
+    print(f"wrote {n / 1e6:.1f}M parameters ({size}, synthetic) to {args.out}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ input with an initializer default.
 
 from __future__ import annotations
 
+import json
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,19 @@ def load_session(path: Path, threads: int | None, spinning: bool, providers: lis
                           "newer onnxruntime (qosora needs >= 1.27)") from None
 
 
+def _head_dim_from_configs(directory: Path) -> int | None:
+    """The head size a graph leaves symbolic, from genai_config.json (head_size) or config.json."""
+    for name, read in (("genai_config.json", lambda c: c["model"]["decoder"]["head_size"]),
+                       ("config.json", lambda c: c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])):
+        try:
+            value = read(json.loads((directory / name).read_text()))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class GraphIO:
     """What the session's inputs and outputs say: the cache names (matched by name, never by output position: genai
@@ -121,7 +136,9 @@ class GraphIO:
                               f"{', '.join(missing[:3]) or 'past_key_values.0.key'}); expected {expected}: pass a "
                               "directory written by `qosora export --onnx`")
         first = inputs["past_key_values.0.key"]
-        shape = first.shape
+        shape = list(first.shape)
+        if len(shape) == 4 and not isinstance(shape[3], int):  # onnxruntime-genai's builder names it kv_cache_dim
+            shape[3] = _head_dim_from_configs(path.parent)
         if len(shape) != 4 or not isinstance(shape[1], int) or not isinstance(shape[3], int) \
                 or first.type not in _DTYPES or outputs["logits"].type not in _DTYPES:
             raise QosoraError(f"{path}: past_key_values.0.key is {first.type} {shape}; expected float/float16 "
