@@ -3,7 +3,8 @@
 transformers 5 writes `tokenizer_config.json` with `tokenizer_class: "TokenizersBackend"` (plus `backend`,
 `is_local`, `local_files_only`), a class transformers 4's AutoTokenizer does not know, so optimum's
 ORTModelForCausalLM (pinned to transformers < 4.58) could not load the tokenizer of an export. Both majors load
-`PreTrainedTokenizerFast` from `tokenizer.json`; that is what the export writes. The chat template stays in
+`PreTrainedTokenizerFast` from `tokenizer.json`; that is what the export writes, with `model_input_names` set so
+transformers 4 returns no `token_type_ids` (a causal LM's `generate` refuses them). The chat template stays in
 `chat_template.jinja`, which both read, and which `qosora generate --chat` renders without transformers.
 """
 
@@ -31,6 +32,8 @@ def make_portable(directory: Path) -> bool:
     if not isinstance(cfg, dict) or cfg.get("tokenizer_class") not in _V5_ONLY_CLASSES:
         return False
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    # transformers 4's PreTrainedTokenizerFast also returns token_type_ids, which a causal LM's generate() refuses.
+    cfg.setdefault("model_input_names", ["input_ids", "attention_mask"])
     for key in _V5_ONLY_KEYS:
         cfg.pop(key, None)
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")

@@ -11,7 +11,7 @@ import torch
 
 from qosora.export import ExportOptions, export_onnx
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, write_tiny_tokenizer
 
 og = pytest.importorskip("onnxruntime_genai", reason="the interop tier needs onnxruntime-genai (in the test extra)")
 
@@ -39,10 +39,24 @@ def _genai_greedy(directory, ids: list[int], n: int, clear_providers: bool = Fal
     return [int(t) for t in gen.get_sequence(0)][len(ids):]
 
 
+def _qosora_greedy(directory, ids: list[int], n: int) -> list[int]:
+    from qosora.run import GenerationOptions, Generator
+
+    g = Generator(directory, provider="cpu", threads=1, spinning=False)
+    return g.generate([ids], GenerationOptions(max_new_tokens=n, ignore_eos=True))[0].new_tokens
+
+
+def _assert_same_until_eos(genai: list[int], ours: list[int]) -> None:
+    """genai stops at EOS (ours was asked to ignore it): the same tokens up to there."""
+    assert len(genai) >= 8 and genai == ours[:len(genai)]
+    assert len(genai) == len(ours) or ours[len(genai)] == EOS  # genai's sequence ends before its EOS
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("genai")
     model = build_tiny_model(root / "hf", "llama", weight_std=0.15, eos_token_id=EOS, pad_token_id=0)
+    write_tiny_tokenizer(root / "hf")
     assert EOS not in _torch_greedy(model, PROMPT, 32)  # genai stops at EOS, PyTorch below does not
     return model, root
 
@@ -55,12 +69,17 @@ def test_cpu_form_runs_in_genai_with_torchs_greedy_tokens(tiny, opts):
     out = root / f"{opts.format}-{opts.attention}"
     export_onnx(root / "hf", out, options=opts, check=False)
     got = _genai_greedy(out, PROMPT, 32)
-    if opts.format == "int4":  # the int4 weights change the function: against the same graph's first tokens only
-        assert len(got) == 32
-        ref = _genai_greedy(out, PROMPT, 8)
-        assert got[:8] == ref
-    else:
+    _assert_same_until_eos(got, _qosora_greedy(out, PROMPT, 32))  # the same graph under both runtimes
+    if opts.format != "int4":  # int4 weights change the function; the dense graphs are PyTorch's
         assert got == _torch_greedy(model, PROMPT, 32)
+
+
+def test_cuda_int4_form_gives_the_same_tokens_in_genai_and_qosora(tiny):
+    _, root = tiny
+    out = root / "cuda-int4"
+    export_onnx(root / "hf", out, options=ExportOptions(format="int4", device="cuda"), check=False)
+    got = _genai_greedy(out, PROMPT, 32, clear_providers=True)
+    _assert_same_until_eos(got, _qosora_greedy(out, PROMPT, 32))
 
 
 def test_cuda_form_runs_in_genai_on_the_cpu_provider(tiny):

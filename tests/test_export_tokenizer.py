@@ -22,11 +22,13 @@ def test_a_transformers_5_only_config_is_rewritten_and_still_loads(tmp_path):
     new = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert new["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert not {"backend", "is_local", "local_files_only"} & set(new)
-    assert {k: v for k, v in new.items() if k != "tokenizer_class"} == {
+    assert new["model_input_names"] == ["input_ids", "attention_mask"]
+    assert {k: v for k, v in new.items() if k not in ("tokenizer_class", "model_input_names")} == {
         k: v for k, v in cfg.items() if k not in ("tokenizer_class", "backend", "is_local", "local_files_only")}
     text = "w3 w17 w42"
-    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == Tokenizer.from_file(
-        str(tmp_path / "tokenizer.json")).encode(text).ids
+    loaded = AutoTokenizer.from_pretrained(tmp_path)(text)
+    assert loaded.input_ids == Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(text).ids
+    assert set(loaded) == {"input_ids", "attention_mask"}
     assert make_portable(tmp_path) is False  # idempotent: nothing left to change
 
 
