@@ -7,7 +7,7 @@ and greedy decoding of `new_tokens` tokens on each side (ORT through the KV cach
     the number of leading tokens that agree.
 
 PyTorch and onnxruntime share the process and the cores here: torch runs with one thread during the check and ORT
-with thread spinning off (`qosora.run.decoder.session_options`), otherwise the two thread pools compete for the same
+with thread spinning off (`qosora.run.session.session_options`), otherwise the two thread pools compete for the same
 cores and both slow down several-fold.
 """
 

@@ -15,7 +15,7 @@ from qosora.export.int4 import dequantize_int4
 from qosora.export.options import ExportOptions
 from qosora.export.quantizers import quantize_int4
 from qosora.export.source import HFSource
-from qosora.run.decoder import session_options
+from qosora.run.session import session_options
 
 
 def _session(path) -> ort.InferenceSession:

@@ -20,8 +20,7 @@ from qosora.errors import QosoraError
 from qosora.run.cache import ConcatCache, Mask, SharedBufferCache
 from qosora.run.options import GenerationOptions
 from qosora.run.sampling import Sampler
-from qosora.run.session import GraphIO, load_session, session_options  # noqa: F401  (session_options: re-export)
-
+from qosora.run.session import GraphIO, load_session
 
 
 def _scalar(k: int) -> ort.OrtValue:
