@@ -195,10 +195,14 @@ def int4_embedding(linear: LinearEmitter, spec: DecoderSpec) -> tuple[str, Int4T
 
 def int4_lm_head(linear: LinearEmitter, spec: DecoderSpec, hidden: str, embedding: Int4Table | None) -> None:
     """hidden [B, S, E] -> MatMulNBits -> logits [B, S, V] (a third of a small model's weights); a tied head reuses
-    the embedding's int4 table (MatMulNBits reads B [V, E/bs, bs/2], the same bytes). --no-quantize-lm-head: dense."""
+    the embedding's int4 table (MatMulNBits reads B [V, E/bs, bs/2], the same bytes), unless --calibrate gives it
+    its own. --no-quantize-lm-head: dense."""
     if not linear.opts.quantize_lm_head:
         return dense_lm_head(linear, spec, hidden, embedding)
-    if embedding is not None and _tied(linear, spec):
+    # With calibration data a tied head gets its own GPTQ table (from the final norm's Hessian; the embedding's
+    # stays data-free): +V*E/2 bytes, for the largest error of a small model's int4 graph.
+    calibrated = linear.hessians is not None and linear.hessians(HEAD) is not None
+    if embedding is not None and _tied(linear, spec) and not calibrated:
         linear.w.op("Identity", [linear.apply_int4(hidden, embedding)], outputs=["logits"])
         linear.errors[HEAD] = dict(linear.errors[EMBED], note="shared with embedding")
         return

@@ -73,3 +73,27 @@ def test_bad_calibration_data_is_one_line_and_exit_2(src, tmp_path, capsys, cont
                               "--calibration-samples", "4", "--calibration-seq-len", "64")
     assert_one_line_error(rc, stdout, err, "export", needle)
     assert not out.exists()
+
+
+def test_a_tied_head_gets_its_own_calibrated_table(tmp_path):
+    """Tied embeddings: uncalibrated, the head reads the embedding's int4 table; calibrated, it gets its own GPTQ
+    table (from the final norm's Hessian) and the embedding's stays data-free."""
+    import onnx
+
+    d = tmp_path / "hf"
+    build_tiny_model(d, "llama", tied=True, weight_std=0.1)
+    save_word_tokenizer(d)
+    rng = random.Random(1)
+    data = write_jsonl(tmp_path / "c.jsonl", [{"text": " ".join(f"w{rng.randrange(4, 128)}" for _ in range(40))}
+                                              for _ in range(40)])
+    opts = dict(format="int4", block_size=16, accuracy_level=0)
+    plain = export_onnx(d, tmp_path / "plain", options=ExportOptions(**opts), check=False)
+    cal = export_onnx(d, tmp_path / "cal", options=ExportOptions(**opts, calibrate=str(data), calibration_samples=8,
+                                                                  calibration_seq_len=64), check_new_tokens=4)
+    assert plain["requantization"]["layers"]["lm_head"].get("note") == "shared with embedding"
+    head = cal["requantization"]["layers"]["lm_head"]
+    assert "note" not in head and head["output_error"] < head["output_error_uncalibrated"]
+    names = {t.name for t in onnx.load(str(tmp_path / "cal" / "model.onnx"), load_external_data=False).graph.initializer}
+    assert {"lm_head.qweight", "model.embed_tokens.qweight"} <= names
+    assert "lm_head.qweight" not in {t.name for t in onnx.load(str(tmp_path / "plain" / "model.onnx"),
+                                                                load_external_data=False).graph.initializer}
