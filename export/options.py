@@ -62,9 +62,11 @@ class ExportOptions:
                                          "low-rank branch")
     quantize_lm_head: bool = option(True, "keep lm_head dense in int4 formats", flag="--no-quantize-lm-head")
     quantize_embedding: bool = option(True, "keep the embedding dense in int4", flag="--no-quantize-embedding")
-    attention: Attention | None = option(None, "gqa: onnxruntime's fused GroupQueryAttention (rotary inside; CPU "
-                                               "and CUDA); standard: default-domain ops only (any runtime, TensorRT) "
-                                               "(default: gqa for int4 and nf4, standard for fp16/fp32/trt-int4)")
+    attention: Attention | None = option(None, "gqa: onnxruntime's fused GroupQueryAttention in onnxruntime-genai's "
+                                               "contract (packed QKV, no position_ids, right-padded batches, shared "
+                                               "KV buffer; CPU and CUDA); standard: default-domain ops, position_ids, "
+                                               "left padding (any runtime, TensorRT, optimum batches) (default: gqa "
+                                               "for int4 and nf4, standard for fp16/fp32/trt-int4)")
     calibrate: str | None = option(None, "JSONL text (text / prompt+completion / question+answer / messages rows) to "
                                          "calibrate int4 / trt-int4 weights with: GPTQ error compensation on the "
                                          "--int4-scheme grid, from each linear's input Hessian (default: off)")
