@@ -90,8 +90,11 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
             },
             "timing_s": {"build": round(t_build, 3)},
         }
-        if calibration is not None:
-            report["calibration"] = calibration.report()
+        if calibration is not None:  # the StreamStats of the run, complete once the graph is built
+            report["calibration"] = {
+                "file": str(opts.calibrate), "samples": opts.calibration_samples, "seq_len": opts.calibration_seq_len,
+                "seed": opts.calibration_seed, "tokens": calibration.tokens, "method": "gptq",
+                "peak_held_layers": calibration.peak_held_layers, "layers": calibration.layers}
         if opts.format == "trt-int4":
             report["tensorrt"] = tensorrt_shape_profile(built.spec, trt_max_batch, context)
         if check:
@@ -113,19 +116,6 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
     return report
 
 
-class _CalibrationRun:
-    """What the report says of a calibrated export: the data, and the streamed run's own measurements."""
-
-    def __init__(self, opts: ExportOptions, tokens: int, stats):
-        self.opts, self.tokens, self.stats = opts, tokens, stats
-
-    def report(self) -> dict:
-        o = self.opts
-        return {"file": str(o.calibrate), "samples": o.calibration_samples, "seq_len": o.calibration_seq_len,
-                "seed": o.calibration_seed, "tokens": self.tokens, "method": "gptq",
-                "peak_held_layers": self.stats.peak_held_layers, "layers": self.stats.layers}
-
-
 def _calibration(opts: ExportOptions, src_dir: Path | None, model):
     """The calibration windows and the streamed per-layer input Hessians of `model` on them (GPTQ's statistics),
     consumed in layer order by the graph builder."""
@@ -136,8 +126,8 @@ def _calibration(opts: ExportOptions, src_dir: Path | None, model):
 
     tokens = load_calibration_tokens(opts.calibrate, load_tokenizer(src_dir), opts.calibration_samples,
                                      opts.calibration_seq_len, opts.calibration_seed)
-    stats = StreamStats()
-    return _CalibrationRun(opts, int(tokens.numel()), stats), LayerHessians(stream_hessians(model, tokens, stats=stats))
+    stats = StreamStats()  # filled in as the graph builder pulls the stream
+    return stats, LayerHessians(stream_hessians(model, tokens, stats=stats))
 
 
 def load_reference_model(src_dir: Path | None):

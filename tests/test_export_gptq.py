@@ -168,11 +168,13 @@ def test_deterministic():
 
 # -- calibration --------------------------------------------------------------------------------------------------
 
-def hooked_forward_hessians(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """H of every linear from one full-model forward, each linear hooked on its own."""
+def hooked_forward_hessians(model, tokens: torch.Tensor, want=None) -> dict[str, torch.Tensor]:
+    """H of every linear (or every module `want(name, module)` picks) from one full-model forward, each hooked on
+    its own."""
+    want = want or (lambda name, module: isinstance(module, torch.nn.Linear))
     hs, handles = {}, []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if want(name, module):
             def hook(_, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).double()
                 hs[name] = hs.get(name, 0) + x.T @ x
@@ -261,18 +263,8 @@ def test_hessians_of_a_trained_qosora_model(tmp_path):
                         compute_dtype=torch.float32).eval()
     tokens = input_ids(3, 12, vocab=model.config.vocab_size)
     cal = collect_hessians(model, tokens, batch_size=2)
-    hs, handles = {}, []
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
-    for name, module in model.named_modules():
-        if name.endswith(projections):
-            def hook(_, args, name=name):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                hs[name] = hs.get(name, 0) + x.T @ x
-            handles.append(module.register_forward_pre_hook(hook))
-    with torch.no_grad():
-        model(tokens)
-    for handle in handles:
-        handle.remove()
+    hs = hooked_forward_hessians(model, tokens, want=lambda name, module: name.endswith(projections))
     assert set(cal.hessians) == set(hs) and len(hs) == 2 * 7 + 1
     for name, h in hs.items():
         assert float((cal.hessians[name] - h).norm() / h.norm()) < 1e-6, name
