@@ -219,11 +219,11 @@ def main() -> int:
     lin = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's quantizers touch
     ex = {
         "fp32": export(src, work / "fp32", "fp32"),
-        "int4": export(src, work / "int4", "int4", "--block-size", bs),  # default scheme hqq
-        "int4-asym": export(src, work / "int4-asym", "int4", "--block-size", bs, "--int4-scheme", "asym"),
+        "int4": export(src, work / "int4", "int4", "--block-size", bs),  # the defaults: --device cpu, asym, level 4
+        "int4-hqq": export(src, work / "int4-hqq", "int4", "--block-size", bs, "--int4-scheme", "hqq"),
         "int4-standard-attn": export(src, work / "int4-std", "int4", "--block-size", bs, "--attention", "standard"),
-        "int4-acc4": export(src, work / "int4-acc4", "int4", "--block-size", bs, "--accuracy-level", "4"),
-        "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs, *lin),
+        "int4-acc0": export(src, work / "int4-acc0", "int4", "--block-size", bs, "--accuracy-level", "0"),
+        "int4-linears": export(src, work / "int4-linears", "int4", "--block-size", bs, "--int4-scheme", "hqq", *lin),
         "int4-linears-asym": export(src, work / "int4-linears-asym", "int4", "--block-size", bs, "--int4-scheme",
                                     "asym", *lin),
         "int4-linears-asym-ls-float": export(src, work / "int4-linears-asymlsf", "int4", "--block-size", bs,
@@ -234,7 +234,8 @@ def main() -> int:
                                           "--int4-scheme", "sym-search", *lin),
         "int4-linears-sym7": export(src, work / "int4-linears-sym7", "int4", "--block-size", bs, "--int4-scheme",
                                     "sym", *lin),
-        "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal", *lin),
+        "int4-keep-principal": export(src, work / "int4-kp", "int4", "--block-size", bs, "--keep-principal",
+                                      "--int4-scheme", "hqq", *lin),
         "int4-keep-principal-asym": export(src, work / "int4-kp-asym", "int4", "--block-size", bs, "--keep-principal",
                                            "--int4-scheme", "asym", *lin),
         "nf4": export(src, work / "nf4", "nf4"),
@@ -254,7 +255,7 @@ def main() -> int:
     for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-asym-ls-float",
                  "int4-linears-sym7",
                  "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "int4-keep-principal",
-                 "int4-keep-principal-asym", "int4", "int4-asym", "int4-acc4", "nf4", "trt-int4"):
+                 "int4-keep-principal-asym", "int4", "int4-hqq", "int4-acc0", "nf4", "trt-int4"):
         ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     base = ppl["torch (qosora.load)"]
     results["perplexity"] = {"tokens": len(ids), "values": ppl, "increase": {k: v - base for k, v in ppl.items()}}
@@ -273,7 +274,7 @@ def main() -> int:
     if not args.skip_speed:
         print("speed ...", file=sys.stderr)
         prompt = (ids * 2)[:64]
-        names = ["fp32", "int4", "int4-standard-attn", "int4-asym", "int4-acc4", "int4-keep-principal", "ort-rtn-asym",
+        names = ["fp32", "int4", "int4-standard-attn", "int4-hqq", "int4-acc0", "int4-keep-principal", "ort-rtn-asym",
                  "ort-hqq", "trt-int4", "nf4"]
         speed: dict = {}
         for threads in [int(t) for t in args.threads.split(",")]:
