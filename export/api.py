@@ -92,7 +92,7 @@ def export_onnx(src: str | Path | WeightSource, out_dir: str | Path, format: For
         }
         if calibration is not None:  # the StreamStats of the run, complete once the graph is built
             report["calibration"] = {
-                "file": str(opts.calibrate), "samples": opts.calibration_samples, "seq_len": opts.calibration_seq_len,
+                "file": calibration.file, "samples": opts.calibration_samples, "seq_len": opts.calibration_seq_len,
                 "seed": opts.calibration_seed, "tokens": calibration.tokens, "method": "gptq",
                 "peak_held_layers": calibration.peak_held_layers, "layers": calibration.layers}
         if opts.format == "trt-int4":
@@ -121,12 +121,14 @@ def _calibration(opts: ExportOptions, src_dir: Path | None, model):
     consumed in layer order by the graph builder."""
     if src_dir is None:
         raise QosoraError("--calibrate needs a source directory with a tokenizer (pass a directory, not a WeightSource)")
-    from qosora.export.calibration import LayerHessians, StreamStats, load_calibration_tokens, stream_hessians
+    from qosora.export.calibration import (LayerHessians, StreamStats, calibration_file, load_calibration_tokens,
+                                           stream_hessians)
     from qosora.loading import load_tokenizer
 
-    tokens = load_calibration_tokens(opts.calibrate, load_tokenizer(src_dir), opts.calibration_samples,
+    path = calibration_file(opts.calibrate, src_dir)
+    tokens = load_calibration_tokens(path, load_tokenizer(src_dir), opts.calibration_samples,
                                      opts.calibration_seq_len, opts.calibration_seed)
-    stats = StreamStats()  # filled in as the graph builder pulls the stream
+    stats = StreamStats(file=str(path))  # filled in as the graph builder pulls the stream
     return stats, LayerHessians(stream_hessians(model, tokens, stats=stats))
 
 

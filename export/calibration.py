@@ -32,9 +32,29 @@ import torch
 from qosora.errors import QosoraError
 
 ROW_FIELDS = '"text", "prompt" + "completion", "question" + "answer" or "messages"'
+TRAINING_DATA = "train"  # `--calibrate train`: the data the directory's training run recorded
 
 
 # -- calibration tokens -----------------------------------------------------------------------------------------
+
+def calibration_file(calibrate: str | Path, src_dir: Path) -> Path:
+    """The JSONL `--calibrate` names: a path, or `train` for the training data recorded in the `qosora train` run
+    directory's train_config.json (the text the adapter was fitted on, at hand right after training)."""
+    if str(calibrate) != TRAINING_DATA or Path(calibrate).exists():
+        return Path(calibrate)
+    record = src_dir / "train_config.json"
+    if not record.is_file():
+        raise QosoraError(f"--calibrate train: {src_dir} records no training data (no train_config.json: not a "
+                          "`qosora train` run directory): pass --calibrate DATA.jsonl")
+    try:
+        data = Path(json.loads(record.read_text())["data"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QosoraError(f"--calibrate train: {record} is unreadable ({e}): pass --calibrate DATA.jsonl") from None
+    if not data.is_file():
+        raise QosoraError(f"--calibrate train: the training data {data} recorded in {record} is not there (moved, or "
+                          "a relative path from another working directory): pass --calibrate DATA.jsonl")
+    return data
+
 
 def load_calibration_tokens(path: str | Path, tokenizer, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """`samples` windows of `seq_len` token ids [samples, seq_len] (int64) from a JSONL file.
@@ -115,8 +135,10 @@ class StreamStats:
     layers            decoder layers done
     peak_held_layers  peak bytes of stored activations / one layer's activations, measured after every batch of
                       every layer: 1.0 when each layer's outputs replace its inputs (streamed)
+    file              the calibration JSONL (set by the caller, for the report)
     """
 
+    file: str = ""
     tokens: int = 0
     peak_held_layers: float = 0.0
     layers: int = 0

@@ -69,7 +69,8 @@ class ExportOptions:
                                                "for int4 and nf4, standard for fp16/fp32/trt-int4)")
     calibrate: str | None = option(None, "JSONL text (text / prompt+completion / question+answer / messages rows) to "
                                          "calibrate int4 / trt-int4 weights with: GPTQ error compensation on the "
-                                         "--int4-scheme grid, from each linear's input Hessian (default: off)")
+                                         "--int4-scheme grid, from each linear's input Hessian; `train`: the data "
+                                         "the training run in DIR recorded (default: off)")
     calibration_samples: int = option(32, "calibration windows drawn (seeded) from --calibrate", min=1)
     calibration_seq_len: int = option(512, "tokens per calibration window", min=16)
     calibration_seed: int = option(0, "seed of the calibration window draw", min=0)

@@ -97,3 +97,28 @@ def test_a_tied_head_gets_its_own_calibrated_table(tmp_path):
     assert {"lm_head.qweight", "model.embed_tokens.qweight"} <= names
     assert "lm_head.qweight" not in {t.name for t in onnx.load(str(tmp_path / "plain" / "model.onnx"),
                                                                 load_external_data=False).graph.initializer}
+
+
+def test_calibrate_train_reads_the_run_directory_s_training_data(src, tmp_path, capsys):
+    """`--calibrate train` on a directory whose train_config.json records its data: the same bytes as naming that
+    file; a directory without the record, or whose recorded file is gone, is one line and exit 2."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "train_config.json").write_text(json.dumps({"data": str(src.parent / "calib.jsonl")}))
+    named = export_onnx(run, tmp_path / "named", options=_options(src), check=False)
+    opts = ExportOptions(format="int4", block_size=16, accuracy_level=0, calibrate="train", calibration_samples=8,
+                         calibration_seq_len=64)
+    recorded = export_onnx(run, tmp_path / "recorded", options=opts, check=False)
+    assert recorded["calibration"]["file"] == str(src.parent / "calib.jsonl") == named["calibration"]["file"]
+    assert (tmp_path / "named" / "model.onnx.data").read_bytes() == \
+        (tmp_path / "recorded" / "model.onnx.data").read_bytes()
+
+    for directory, needle in ((src, "records no training data"), (run, "is not there")):
+        if directory == run:
+            (run / "train_config.json").write_text(json.dumps({"data": str(tmp_path / "gone.jsonl")}))
+        out = tmp_path / f"out-{directory.name}"
+        rc, stdout, err = run_cli(capsys, "export", str(directory), "--onnx", str(out), "--calibrate", "train")
+        assert_one_line_error(rc, stdout, err, "export", needle)
+        assert not out.exists()

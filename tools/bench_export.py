@@ -1,6 +1,7 @@
 """Benchmark the ONNX export on SmolLM2-135M (prepared rank 64): fidelity, speed, export cost. Prints tables, writes JSON.
 
     flock /tmp/qosora-heavy.lock env OMP_WAIT_POLICY=PASSIVE python tools/bench_export.py --out bench_export.json
+    ... --calibrate --skip-speed --block-size 64 --model ROTATED_COPY --out bench/export_calibrated_rot_bs64.json
 
 What it measures, every figure against an anchor from the same run:
   1. Perplexity on held-out text (GSM8K train questions+answers if ../shared/data is there, else built-in prompts)
@@ -10,6 +11,8 @@ What it measures, every figure against an anchor from the same run:
   2. Greedy agreement over 64 new tokens on 5 prompts: nf4 (and int4) vs the PyTorch model.
   3. Decode tokens/s and prefill ms (64-token prompt, 128 new tokens, batch 1, 1 and 2 threads, median of runs
      alternated between variants): fp32 vs our int4 (+ int4 lm_head/embedding) vs ORT-quantized int4.
+  With --calibrate: our `--calibrate` exports (GPTQ on the int4 / trt-int4 grids) beside onnxruntime's GPTQ
+     (on the same token windows) and k-quant, all on held-out text disjoint from the calibration rows.
   4. Export wall time and peak RSS (each export in its own process) vs the fp32 checkpoint size, and with
      --optimum-python, optimum's export of the merged model + ORT's int4 quantizer (a separate venv: optimum-onnx
      pins transformers < 4.58; tools/setup_optimum_env.sh makes one).
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _bench import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def run_timed(cmd: list[str]) -> tuple[float, float, str]:
@@ -59,35 +63,34 @@ def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
             "mean_rel_error": report["requantization"]["mean_rel_error"]}
 
 
-def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int) -> dict:
-    """onnxruntime's MatMulNBits quantizer on our fp32 graph: the MatMuls with constant weights, lm_head excluded (an
-    untied head is a constant MatMul; a tied one reads the embedding table and never was), so that its graphs
-    quantize what our `--no-quantize-lm-head --no-quantize-embedding` graphs do."""
-    code = f"""
-import shutil, sys
-from pathlib import Path
-from onnxruntime.quantization import matmul_nbits_quantizer as mq
-src, out = Path({str(fp32_dir)!r}), Path({str(out)!r})
-shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
-kind, bs = {kind!r}, {block_size}
-if kind == "hqq":
-    cfg = mq.HQQWeightOnlyQuantConfig(block_size=bs, bits=4)
-else:
-    cfg = mq.DefaultWeightOnlyQuantConfig(block_size=bs, is_symmetric=(kind == "rtn-sym"))
-import onnx
-graph = onnx.load(str(src / "model.onnx"), load_external_data=False).graph
-head = [n.name for n in graph.node if "logits" in n.output]  # like-for-like with our "linears only" graphs
-q = mq.MatMulNBitsQuantizer(str(src / "model.onnx"), block_size=bs, is_symmetric=(kind == "rtn-sym"), algo_config=cfg,
-                            nodes_to_exclude=head)
-q.process()
-q.model.save_model_to_file(str(out / "model.onnx"), True)
-for f in src.iterdir():
-    if not f.name.startswith("model.onnx"):
-        shutil.copy2(f, out / f.name)
-"""
-    wall, rss, _ = run_timed([sys.executable, "-c", code])
+def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int, windows: Path | None = None) -> dict:
+    """One of onnxruntime's quantizers (tools/_ort_quant.py) on our fp32 graph, in its own process."""
+    cmd = [sys.executable, str(REPO / "tools" / "_ort_quant.py"), str(fp32_dir), str(out), "--kind", kind,
+           "--block-size", str(block_size), *(["--windows", str(windows)] if windows else [])]
+    wall, rss, stdout = run_timed(cmd)
     return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
+            "quantizer_s": round(json.loads(stdout.strip().splitlines()[-1])["seconds"], 2),
             "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
+
+
+def calibration_windows(calibrate: str, hf: Path, work: Path, samples: int, seq_len: int) -> tuple[Path, Path]:
+    """The calibration JSONL (`gsm8k`: the first 2000 rows of the GSM8K train file, disjoint from the last 200 that
+    perplexity reads) and the token windows our --calibrate draws from it (seed 0), saved for onnxruntime's GPTQ."""
+    from transformers import AutoTokenizer
+
+    from qosora.export.calibration import load_calibration_tokens
+
+    if calibrate == "gsm8k":
+        rows = GSM8K.read_text().splitlines()
+        assert len(rows) >= 2200, "calibration and perplexity rows would overlap"
+        path = work / "calib.jsonl"
+        path.write_text("\n".join(rows[:2000]) + "\n")
+    else:
+        path = Path(calibrate)
+    windows = load_calibration_tokens(path, AutoTokenizer.from_pretrained(hf), samples, seq_len, seed=0)
+    npy = work / "calib_windows.npy"
+    np.save(npy, windows.numpy())
+    return path, npy
 
 
 def optimum_anchor(python: Path, src: Path, work: Path, block_size: int) -> dict:
@@ -112,14 +115,26 @@ def optimum_anchor(python: Path, src: Path, work: Path, block_size: int) -> dict
     return result
 
 
+LIN = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's quantizers touch
+CALIBRATED = [  # (row, --format, flags): our --calibrate exports
+    ("int4-linears-asym-gptq", "int4", ("--int4-scheme", "asym", *LIN)),  # like for like with onnxruntime's rows
+    ("int4-linears-hqq-gptq", "int4", ("--int4-scheme", "hqq", *LIN)),
+    ("int4-gptq", "int4", ()),  # the CPU defaults, lm_head and embedding int4 too
+    ("int4-hqq-gptq", "int4", ("--int4-scheme", "hqq")),
+    ("trt-int4-gptq", "trt-int4", ()),
+    ("trt-int4-sym-search-gptq", "trt-int4", ("--int4-scheme", "sym-search")),
+    ("trt-int4-keep-principal-gptq", "trt-int4", ("--keep-principal",)),
+    ("trt-int4-linears-gptq", "trt-int4", LIN),
+]
+
+
 def eval_tokens(src: Path, n_tokens: int) -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
-    data = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-    if data.is_file():
+    if GSM8K.is_file():
         texts = []
-        for line in data.read_text().splitlines()[-200:]:  # the tail: not what a demo fine-tune starts with
+        for line in GSM8K.read_text().splitlines()[-200:]:  # the tail: not what a demo fine-tune starts with
             row = json.loads(line)
             texts.append(f"Question: {row['question']}\nAnswer: {row['answer']}\n\n")
         text = "".join(texts)
@@ -191,6 +206,11 @@ def main() -> int:
     ap.add_argument("--optimum-python", type=Path, default=None,
                     help="python of a separate venv with optimum-onnx (it pins transformers < 4.58): times optimum's "
                          "export of the merged model + onnxruntime's int4 quantizer as the export-time anchor")
+    ap.add_argument("--calibrate", nargs="?", const="gsm8k", default=None, metavar="FILE",
+                    help="add calibrated rows (ours: --calibrate; onnxruntime's GPTQ on the same token windows) and "
+                         "onnxruntime's k-quant; bare --calibrate: the first 2000 GSM8K train rows")
+    ap.add_argument("--calibration-samples", type=int, default=16)
+    ap.add_argument("--calibration-seq-len", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("bench_export.json"))
     args = ap.parse_args()
 
@@ -216,7 +236,7 @@ def main() -> int:
 
     # -- 1. exports -----------------------------------------------------------------------------------------
     print("exporting ...", file=sys.stderr)
-    lin = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's quantizers touch
+    lin = LIN
     ex = {
         "fp32": export(src, work / "fp32", "fp32"),
         "int4": export(src, work / "int4", "int4", "--block-size", bs),  # the defaults: --device cpu, asym, level 4
@@ -240,9 +260,26 @@ def main() -> int:
                                            "--int4-scheme", "asym", *lin),
         "nf4": export(src, work / "nf4", "nf4"),
         "trt-int4": export(src, work / "trt-int4", "trt-int4", "--block-size", bs),
+        "trt-int4-sym-search": export(src, work / "trt-int4-ss", "trt-int4", "--block-size", bs, "--int4-scheme",
+                                      "sym-search"),
+        "trt-int4-keep-principal": export(src, work / "trt-int4-kp", "trt-int4", "--block-size", bs,
+                                          "--keep-principal"),
+        "trt-int4-linears": export(src, work / "trt-int4-linears", "trt-int4", "--block-size", bs, *lin),
     }
     for kind in ("rtn-sym", "rtn-asym", "hqq"):
         ex[f"ort-{kind}"] = ort_quantize(work / "fp32", work / f"ort-{kind}", kind, args.block_size)
+    if args.calibrate:
+        print("calibrated exports ...", file=sys.stderr)
+        data, windows = calibration_windows(args.calibrate, hf, work, args.calibration_samples,
+                                            args.calibration_seq_len)
+        results["calibration"] = {"file": str(data), "samples": args.calibration_samples,
+                                  "seq_len": args.calibration_seq_len, "seed": 0}
+        cal = ("--calibrate", str(data), "--calibration-samples", str(args.calibration_samples),
+               "--calibration-seq-len", str(args.calibration_seq_len))
+        for name, fmt, extra in CALIBRATED:
+            ex[name] = export(src, work / name, fmt, "--block-size", bs, *extra, *cal)
+        ex["ort-k-quant"] = ort_quantize(work / "fp32", work / "ort-k-quant", "k-quant", args.block_size)
+        ex["ort-gptq"] = ort_quantize(work / "fp32", work / "ort-gptq", "gptq", args.block_size, windows)
     if args.optimum_python:
         results["optimum_anchor"] = optimum_anchor(args.optimum_python, src, work, args.block_size)
     results["exports"] = ex
@@ -255,7 +292,10 @@ def main() -> int:
     for name in ("fp32", "int4-linears", "int4-linears-asym", "int4-linears-asym-ls", "int4-linears-asym-ls-float",
                  "int4-linears-sym7",
                  "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "int4-keep-principal",
-                 "int4-keep-principal-asym", "int4", "int4-hqq", "int4-acc0", "nf4", "trt-int4"):
+                 "int4-keep-principal-asym", "int4", "int4-hqq", "int4-acc0", "nf4", "trt-int4",
+                 "trt-int4-sym-search", "trt-int4-keep-principal", "trt-int4-linears"):
+        ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
+    for name in [n for n, _, _ in CALIBRATED] + ["ort-k-quant", "ort-gptq"] if args.calibrate else []:
         ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     base = ppl["torch (qosora.load)"]
     results["perplexity"] = {"tokens": len(ids), "values": ppl, "increase": {k: v - base for k, v in ppl.items()}}
