@@ -116,7 +116,7 @@ def main() -> None:
     for f in src.iterdir():  # config, tokenizer, genai_config: everything but the graph
         if not f.name.startswith("model.onnx"):
             shutil.copy2(f, out / f.name)
-    print(json.dumps({"kind": args.kind, "seconds": seconds}))
+    print("\n" + json.dumps({"kind": args.kind, "seconds": seconds}))  # after onnxruntime's \r progress bars
 
 
 if __name__ == "__main__":

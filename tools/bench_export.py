@@ -53,24 +53,45 @@ def run_timed(cmd: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, out
 
 
-def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
+RESUME = False  # --resume: reuse a row whose graph and result record exist from an earlier run of the same command
+
+
+def _timed_row(out: Path, cmd: list[str], row) -> dict:
+    """Run cmd (it writes out), then row(wall, rss, stdout) -> the table row; recorded beside out for --resume."""
+    record = out.parent / f"{out.name}.row.json"
+    if RESUME and out.is_dir() and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved["cmd"] == cmd:
+            return saved["row"]
     shutil.rmtree(out, ignore_errors=True)
-    wall, rss, stdout = run_timed([sys.executable, "-m", "qosora", "export", str(src), "--onnx", str(out),
-                                   "--format", fmt, "--no-check", "--json", *extra])
-    report = json.loads(stdout)
-    return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
-            "onnx_mb": round(report["graph"]["onnx_bytes"] / 2**20, 1),
-            "mean_rel_error": report["requantization"]["mean_rel_error"]}
+    result = row(*run_timed(cmd))
+    record.write_text(json.dumps({"cmd": cmd, "row": result}))
+    return result
+
+
+def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
+    cmd = [sys.executable, "-m", "qosora", "export", str(src), "--onnx", str(out), "--format", fmt, "--no-check",
+           "--json", *extra]
+
+    def row(wall, rss, stdout):
+        report = json.loads(stdout)
+        return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
+                "onnx_mb": round(report["graph"]["onnx_bytes"] / 2**20, 1),
+                "mean_rel_error": report["requantization"]["mean_rel_error"]}
+    return _timed_row(out, cmd, row)
 
 
 def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int, windows: Path | None = None) -> dict:
     """One of onnxruntime's quantizers (tools/_ort_quant.py) on our fp32 graph, in its own process."""
     cmd = [sys.executable, str(REPO / "tools" / "_ort_quant.py"), str(fp32_dir), str(out), "--kind", kind,
            "--block-size", str(block_size), *(["--windows", str(windows)] if windows else [])]
-    wall, rss, stdout = run_timed(cmd)
-    return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
-            "quantizer_s": round(json.loads(stdout.strip().splitlines()[-1])["seconds"], 2),
-            "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
+
+    def row(wall, rss, stdout):
+        (result,) = [json.loads(l) for l in stdout.splitlines() if l.startswith('{"kind"')]
+        return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
+                "quantizer_s": round(result["seconds"], 2),
+                "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
+    return _timed_row(out, cmd, row)
 
 
 def calibration_windows(calibrate: str, hf: Path, work: Path, samples: int, seq_len: int) -> tuple[Path, Path]:
@@ -203,6 +224,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the graphs (and their recorded times) an interrupted run of the same commands left")
     ap.add_argument("--optimum-python", type=Path, default=None,
                     help="python of a separate venv with optimum-onnx (it pins transformers < 4.58): times optimum's "
                          "export of the merged model + onnxruntime's int4 quantizer as the export-time anchor")
@@ -213,6 +236,8 @@ def main() -> int:
     ap.add_argument("--calibration-seq-len", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("bench_export.json"))
     args = ap.parse_args()
+    global RESUME
+    RESUME = args.resume
 
     import torch
 

@@ -37,11 +37,11 @@ from _bench import machine, run_child  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 METHODS = ("qlora", "pissa", "sorsa", "osora")
-VARIANTS = {  # deploy variant -> `qosora export` flags ({train} is the run's training file)
+VARIANTS = {  # deploy variant -> `qosora export` flags (`--calibrate train`: the run's own training data)
     "fp32": ("--format", "fp32"),
     "int4": ("--format", "int4"),
     "int4-keep-principal": ("--format", "int4", "--keep-principal"),
-    "int4-calibrated": ("--format", "int4", "--calibrate", "{train}", "--calibration-samples", "16",
+    "int4-calibrated": ("--format", "int4", "--calibrate", "train", "--calibration-samples", "16",
                         "--calibration-seq-len", "256"),
 }
 SEED0_ONLY = ("int4-keep-principal", "int4-calibrated")
@@ -172,12 +172,12 @@ def cell_train(work: Path, method: str, lr: str, seed: str, steps: str, batch: s
                                    "orthonormality", "tokens_per_s", "seconds")}, "loss_curve": curve}
 
 
-def _examples(work: Path, seq_len: int):
+def _test_examples(work: Path, run_dir: str, seq_len: int):
+    """The run's tokenizer and the test rows encoded as training encodes them (prompt masked, answer + EOS)."""
     from qosora.loading import load_tokenizer
     from qosora.train.data import load_examples
 
-    tok = load_tokenizer(work / "prepared-qlora" if (work / "prepared-qlora").is_dir() else
-                         next(work.glob("prepared-*")))
+    tok = load_tokenizer(run_dir)
     return tok, load_examples(work / "test.jsonl", tok, seq_len)
 
 
@@ -187,7 +187,7 @@ def cell_test(work: Path, run_dir: str, seq_len: str) -> dict:
     import qosora
     from qosora.evaluation import eval_loss
 
-    tok, examples = _examples(work, int(seq_len))
+    tok, examples = _test_examples(work, run_dir, int(seq_len))
     model = qosora.load(run_dir, dtype=torch.float32, compute_dtype=torch.float32)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     loss, tokens = eval_loss(model, examples, pad, batch_size=8)
@@ -206,14 +206,14 @@ def cell_deploy(work: Path, run_dir: str, variant: str, seq_len: str, max_new_to
     from qosora.train.data import IGNORE
 
     out = work / "onnx" / f"{Path(run_dir).name}-{variant}"
-    flags = [f.format(train=work / "train.jsonl") for f in VARIANTS[variant]]
+    flags = list(VARIANTS[variant])
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "qosora", "export", run_dir, "--onnx", str(out), "--overwrite",
                     "--no-check", "--json", *flags], check=True, capture_output=True)
     export_s = time.perf_counter() - start
     onnx_mb = sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20
 
-    tok, examples = _examples(work, int(seq_len))
+    tok, examples = _test_examples(work, run_dir, int(seq_len))
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None
     gen = Generator(out, threads=threads)
     nll, n = 0.0, 0
