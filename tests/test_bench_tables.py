@@ -109,6 +109,7 @@ def test_bench_all_writes_every_table_input():
     assert all(words[:4] == ["flock", "/tmp/qosora-heavy.lock", "bash", "-c"] for words in lines)
     written = {_out_path(words[4]) for words in lines if "--out" in words[4]}
     read = {f for t in bench_tables.TABLES.values() for f in t.files}
+    written |= {b.out for b in bench_all.STUDIES}  # run by name only
     assert read <= written, f"no benchmark in tools/bench_all.py writes {sorted(read - written)}"
     for b in bench_all.BENCHMARKS:
         if b.out:
@@ -117,13 +118,15 @@ def test_bench_all_writes_every_table_input():
 
 def test_bench_all_commands_are_the_ones_benchmarks_md_quotes():
     quoted = " ".join((REPO / "BENCHMARKS.md").read_text().replace("\\\n", " ").split())
-    for b in bench_all.BENCHMARKS:
+    for b in bench_all.BENCHMARKS + bench_all.STUDIES:
         assert b.command in quoted, f"{b.name}: BENCHMARKS.md does not show {b.command!r}"
 
 
 def test_bench_all_only_and_skip():
     assert [b.name for b in bench_all.select(["train", "export"], ["export"])] == ["train"]
     assert "demo" not in [b.name for b in bench_all.select([], ["demo"])]
+    assert "reproduce" not in [b.name for b in bench_all.select([], [])]  # a study: only when named
+    assert [b.name for b in bench_all.select(["reproduce"], [])] == ["reproduce"]
 
 
 def test_a_newer_bench_export_run_is_refused_not_misread(tmp_path):

@@ -122,3 +122,18 @@ def test_calibrate_train_reads_the_run_directory_s_training_data(src, tmp_path, 
         rc, stdout, err = run_cli(capsys, "export", str(directory), "--onnx", str(out), "--calibrate", "train")
         assert_one_line_error(rc, stdout, err, "export", needle)
         assert not out.exists()
+
+
+def test_an_uncalibrated_export_of_a_run_directory_hints_at_calibrate_train(src, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (run / "train_config.json").write_text(json.dumps({"data": str(src.parent / "calib.jsonl")}))
+    flags = ("--block-size", "16", "--no-check", "--calibration-samples", "8", "--calibration-seq-len", "64")
+    rc, stdout, _ = run_cli(capsys, "export", str(run), "--onnx", str(tmp_path / "a"), *flags)
+    assert rc == 0 and "hint:" in stdout and "--calibrate train" in stdout
+    rc, stdout, _ = run_cli(capsys, "export", str(run), "--onnx", str(tmp_path / "b"), "--calibrate", "train", *flags)
+    assert rc == 0 and "hint:" not in stdout
+    rc, stdout, _ = run_cli(capsys, "export", str(src), "--onnx", str(tmp_path / "c"), *flags)
+    assert rc == 0 and "hint:" not in stdout

@@ -17,7 +17,9 @@ sys.path.insert(0, str(TOOLS))
 import _reproduce_report as report  # noqa: E402
 import reproduce  # noqa: E402
 
-VAL_LOSS = {"qlora": [1.30, 1.20, 1.25], "osora": [1.50, 1.45, 1.40]}  # per lr factor: qlora picks x1, osora x3
+# Validation loss per lr factor: qlora's best is inside the sweep (x1); osora's at its top end (x3), so the sweep is
+# extended once (x9), which is worse: x3 stays the choice.
+VAL_LOSS = {"qlora": {1 / 3: 1.30, 1.0: 1.20, 3.0: 1.25}, "osora": {1 / 3: 1.50, 1.0: 1.45, 3.0: 1.40, 9.0: 1.43}}
 
 
 def _args(tmp_path, **over):
@@ -45,8 +47,9 @@ class FakeCells:
             run = self.work / "runs" / f"{method}-lr{lr:g}-s{seed}"
             run.mkdir(parents=True)
             (run / "qosora_config.json").write_text("{}")
-            i = reproduce.sweep_lrs(method, [1 / 3, 1.0, 3.0]).index(lr)
-            child = {"final_eval_loss": VAL_LOSS[method][i] + 0.01 * seed, "first_loss": 2.0, "final_loss": 1.0,
+            factors = list(VAL_LOSS[method])
+            i = reproduce.sweep_lrs(method, factors).index(lr)
+            child = {"final_eval_loss": VAL_LOSS[method][factors[i]] + 0.01 * seed, "first_loss": 2.0, "final_loss": 1.0,
                      "initial_eval_loss": 2.0, "orthonormality": None, "tokens_per_s": 100.0, "seconds": 60.0,
                      "loss_curve": [2.0, 1.5, 1.0]}
         elif kind == "test":
@@ -88,8 +91,11 @@ def test_study_runs_each_cell_once_and_resumes(study):
     tmp_path, fake = study
     reproduce.Study(_args(tmp_path)).run()
     kinds = [c[0] for c in fake.calls]
-    # 2 prepares, 3 sweep lrs x 2 methods + 1 extra seed each, 2 x 2 test cells, deploy: 2 methods x (4 + 2) variants
-    assert (kinds.count("prepare"), kinds.count("train"), kinds.count("test"), kinds.count("deploy")) == (2, 8, 4, 12)
+    # 2 prepares, 3 sweep lrs x 2 methods + osora's extension + 1 extra seed each, 2 x 2 test cells, deploy: 2 methods
+    # x (4 + 2) variants
+    assert (kinds.count("prepare"), kinds.count("train"), kinds.count("test"), kinds.count("deploy")) == (2, 9, 4, 12)
+    swept = [float(c[2]) for c in fake.calls if c[0] == "train" and c[1] == "osora" and c[3] == "0"]
+    assert swept == [6.67e-4, 2e-3, 6e-3, 1.8e-2]
     seed1 = [c for c in fake.calls if c[0] == "train" and c[3] == "1"]
     assert {(c[1], float(c[2])) for c in seed1} == {("qlora", 2e-4), ("osora", 6e-3)}  # the chosen lrs
     assert not [c for c in fake.calls if c[0] == "deploy" and c[2] in reproduce.SEED0_ONLY and "-s1" in c[1]]
@@ -122,6 +128,7 @@ def test_report_tables_and_plot(study):
     se = 100 * math.sqrt(0.1 * 0.9 / 10)
     assert f"10.0 ± {se:.1f} (10.0 / 10.0)" in text
     assert "| qlora | 1,000 | 6.67e-05: 1.3000, 0.0002: 1.2000, 0.0006: 1.2500 | 0.0002 |" in text
+    assert "| osora | 1,000 | 0.000667: 1.5000, 0.002: 1.4500, 0.006: 1.4000, 0.018: 1.4300 | 0.006 |" in text
     data["cells"]["deploy/qlora/0.0002/1/int4"]["exact_match"] = 0.3
     assert "20.0 ± 12.6 (10.0 / 30.0)" in report.tables(data)
     assert report.plot(data, tmp_path / "loss.png") and (tmp_path / "loss.png").stat().st_size > 1000

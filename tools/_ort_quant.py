@@ -27,8 +27,10 @@ KINDS = ("rtn-sym", "rtn-asym", "hqq", "k-quant", "gptq")
 
 
 class _Windows:
-    """onnxruntime's CalibrationDataReader protocol (get_next; its GPTQ iterates a copy) over token windows, one [1, T] prefill each: the
-    inputs of our standard-attention fp32 graph with an empty cache."""
+    """onnxruntime's CalibrationDataReader protocol (get_next; its GPTQ iterates a copy) over token windows: the
+    inputs of our standard-attention fp32 graph with an empty cache, all windows in one [S, T] batch. onnxruntime's
+    GPTQ runs the whole graph once per distinct MatMul input and feed (181 inputs here), and weighs each feed by its
+    batch size, so one batch gives the Hessians S feeds of one window give, for 1/S of the session calls."""
 
     def __init__(self, model_path: Path, windows: np.ndarray):
         import onnx
@@ -40,36 +42,37 @@ class _Windows:
         self.i = 0
 
     def _feed(self, ids: np.ndarray) -> dict:
+        """ids [S, T] -> the graph's feed."""
         import onnx
 
-        t = ids.shape[0]
+        s, t = ids.shape
         feed = {}
         for spec in self.inputs:
             if spec.name == "input_ids":
-                feed[spec.name] = ids[None].astype(np.int64)
+                feed[spec.name] = ids.astype(np.int64)
             elif spec.name == "attention_mask":
-                feed[spec.name] = np.ones((1, t), np.int64)
+                feed[spec.name] = np.ones((s, t), np.int64)
             elif spec.name == "position_ids":
-                feed[spec.name] = np.arange(t, dtype=np.int64)[None]
+                feed[spec.name] = np.broadcast_to(np.arange(t, dtype=np.int64), (s, t)).copy()
             elif spec.name.startswith("past_key_values"):  # [batch, kv_heads, past, head_dim], empty
                 dims = [d.dim_value for d in spec.type.tensor_type.shape.dim]
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(spec.type.tensor_type.elem_type)
-                feed[spec.name] = np.zeros((1, dims[1], 0, dims[3]), dtype)
+                feed[spec.name] = np.zeros((s, dims[1], 0, dims[3]), dtype)
             else:
                 raise SystemExit(f"unexpected graph input {spec.name!r}: not one of our standard fp32 graphs")
         return feed
 
     def get_next(self):
-        if self.i >= len(self.windows):
+        if self.i:
             return None
-        self.i += 1
-        return self._feed(self.windows[self.i - 1])
+        self.i = 1
+        return self._feed(self.windows)
 
     def rewind(self):
         self.i = 0
 
     def __iter__(self):
-        return (self._feed(w) for w in self.windows)
+        return iter([self._feed(self.windows)])
 
 
 def quantize(src: Path, out: Path, kind: str, block_size: int, windows: np.ndarray | None) -> None:

@@ -68,13 +68,17 @@ def _em(runs: list[dict]) -> str:
     return f"{100 * p:.1f} ± {100 * _se(p, n):.1f} ({seeds})"
 
 
-def tables(data: dict) -> str:
+def plan_line(data: dict) -> str:
+    plan = data["plan"]
+    return (f"{plan['steps']} steps x batch {plan['batch_size']} x seq {plan['seq_len']}, rank {plan['rank']}, "
+            f"seeds {plan['seeds']}; exact match on {plan['test']} held-out questions (greedy, "
+            f"{plan['max_new_tokens']} new tokens at most), in % ± binomial SE, per seed in brackets.")
+
+
+def method_table(data: dict) -> str:
     s = Summary(data)
     plan = s.plan
-    lines = [f"{plan['steps']} steps x batch {plan['batch_size']} x seq {plan['seq_len']}, rank {plan['rank']}, "
-             f"seeds {plan['seeds']}; exact match on {plan['test']} held-out questions (greedy, "
-             f"{plan['max_new_tokens']} new tokens at most), in % ± binomial SE, per seed in brackets.", "",
-             "| method | trainable params | lr swept: validation loss | chosen lr | held-out loss (PyTorch) "
+    lines = ["| method | trainable params | lr swept: validation loss | chosen lr | held-out loss (PyTorch) "
              "| EM fp32 graph | EM int4 | held-out loss int4 | train s / run | train peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for m in s.methods:
@@ -90,10 +94,15 @@ def tables(data: dict) -> str:
             f"{_em(fp32)} | {_em(int4)} | {_mean_spread([r['test_loss'] for r in int4], '.4f')} | "
             f"{_mean_spread([t['seconds'] for t in train], '.0f')} | "
             f"{_mean_spread([t['peak_rss_mb'] / 1024 for t in train], '.2f')} GiB |")
+    return "\n".join(lines)
+
+
+def variants_table(data: dict) -> str:
+    """Seed 0's held-out loss and exact match through each deploy variant's graph (export time, graph size)."""
+    s = Summary(data)
+    plan = s.plan
     variants = [v for v in plan["variants"] if v != "fp32"]
-    lines += ["", f"Deploy variants, seed {plan['seeds'][0]}: held-out loss and exact match through each graph "
-                  "(export time, graph size).", "",
-              "| method | " + " | ".join(["fp32"] + variants) + " |", "|---|" + "---|" * (1 + len(variants))]
+    lines = ["| method | " + " | ".join(["fp32"] + variants) + " |", "|---|" + "---|" * (1 + len(variants))]
     for m in s.methods:
         row = []
         for v in ["fp32"] + variants:
@@ -102,6 +111,12 @@ def tables(data: dict) -> str:
                                          f"({r[0]['export_s']:.0f} s, {r[0]['onnx_mb']:.0f} MB)")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def tables(data: dict) -> str:
+    return "\n\n".join([plan_line(data), method_table(data),
+                         f"Deploy variants, seed {data['plan']['seeds'][0]}: held-out loss and exact match through "
+                         "each graph (export time, graph size).", variants_table(data)])
 
 
 def plot(data: dict, path: Path) -> bool:

@@ -17,8 +17,9 @@ The Export tables read bench_export.py's rows from before issue #11 renamed them
 default): after the export steps rerun, bench_tables.py refuses the new JSON, with an error saying so, until those
 render functions follow the new names.
 
-Not here: tools/reproduce.py (the reproduction study, a separate and much longer run with its own report), the
-calibrated-int4 measurements of issue #13, and `qosora plan` (instant; no JSON of its output is kept).
+Not run by default: tools/reproduce.py (the reproduction study, a separate and much longer run with its own
+resumable cache and report; `--only reproduce` runs it). Not here: `qosora plan` (instant; no JSON of its output is
+kept).
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ BENCHMARKS = (
     Benchmark("export_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot "
                                      "--block-size 64 --skip-speed --out bench/export_rotated_bs64.json",
               "bench/export_rotated_bs64.json"),
+    # issue #13: every quantizer, ours calibrated and onnxruntime's, in four columns; onnxruntime's GPTQ (~40 min a
+    # column here: the whole graph once per MatMul input over all calibration tokens) in the first only
+    Benchmark("export_calibrated", f"{_EXPORT} --calibrate --skip-speed --out bench/export_calibrated.json",
+              "bench/export_calibrated.json", (_GSM8K,)),
+    Benchmark("export_calibrated_bs64", f"{_EXPORT} --src /tmp/qosora-bench-export/prepared-r64 "
+                                        "--work /tmp/qosora-bench-export64 --block-size 64 --calibrate --skip-speed "
+                                        "--no-ort-gptq --out bench/export_calibrated_bs64.json",
+              "bench/export_calibrated_bs64.json", (_GSM8K,)),
+    Benchmark("export_calibrated_rotated", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot "
+                                           "--calibrate --skip-speed --no-ort-gptq "
+                                           "--out bench/export_calibrated_rotated.json",
+              "bench/export_calibrated_rotated.json", (_GSM8K,)),
+    Benchmark("export_calibrated_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot "
+                                                "--block-size 64 --calibrate --skip-speed --no-ort-gptq "
+                                                "--out bench/export_calibrated_rotated_bs64.json",
+              "bench/export_calibrated_rotated_bs64.json", (_GSM8K,)),
+)
+# Studies with their own resumable runner and report: run only when named (`--only reproduce`), never by default.
+STUDIES = (
+    Benchmark("reproduce", "OMP_WAIT_POLICY=PASSIVE python tools/reproduce.py", "bench/reproduce.json", (_GSM8K,)),
 )
 
 
@@ -107,10 +128,12 @@ def argv(bench: Benchmark) -> list[str]:
 
 
 def select(only: list[str], skip: list[str]) -> list[Benchmark]:
-    names = [b.name for b in BENCHMARKS]
+    """BENCHMARKS (or those in `only`, which may also name a study) minus `skip`."""
+    names = [b.name for b in BENCHMARKS + STUDIES]
     if unknown := [n for n in only + skip if n not in names]:
         raise SystemExit(f"bench_all: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(names)}")
-    return [b for b in BENCHMARKS if (not only or b.name in only) and b.name not in skip]
+    pool = BENCHMARKS + STUDIES if only else BENCHMARKS
+    return [b for b in pool if (not only or b.name in only) and b.name not in skip]
 
 
 def missing_needs(benches: list[Benchmark]) -> list[str]:

@@ -29,6 +29,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,12 +45,14 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 def run_timed(cmd: list[str]) -> tuple[float, float, str]:
     """Run cmd; return (wall s, peak RSS MB of that process, stdout)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode})")
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a chatty child cannot block on it
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            err.seek(0)
+            last = (err.read().strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"{' '.join(cmd)} failed ({os.waitstatus_to_exitcode(status)})\n{last}")
     return time.perf_counter() - t0, usage.ru_maxrss / 1024, out
 
 
@@ -64,9 +67,21 @@ def _timed_row(out: Path, cmd: list[str], row) -> dict:
         if saved["cmd"] == cmd:
             return saved["row"]
     shutil.rmtree(out, ignore_errors=True)
+    (out.parent / f"{out.name}.ppl.json").unlink(missing_ok=True)  # measured on the graph being replaced
     result = row(*run_timed(cmd))
     record.write_text(json.dumps({"cmd": cmd, "row": result}))
     return result
+
+
+def graph_ppl(model_dir: Path, ids: list[int], chunk: int) -> float:
+    """onnx_ppl, recorded beside the graph; --resume reuses it for the same tokens."""
+    record = model_dir.parent / f"{model_dir.name}.ppl.json"
+    key = {"tokens": ids, "chunk": chunk}
+    if RESUME and record.is_file() and json.loads(record.read_text())["key"] == key:
+        return json.loads(record.read_text())["ppl"]
+    ppl = onnx_ppl(model_dir, ids, chunk)
+    record.write_text(json.dumps({"key": key, "ppl": ppl}))
+    return ppl
 
 
 def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
@@ -82,7 +97,8 @@ def export(src: Path, out: Path, fmt: str, *extra: str) -> dict:
 
 
 def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int, windows: Path | None = None) -> dict:
-    """One of onnxruntime's quantizers (tools/_ort_quant.py) on our fp32 graph, in its own process."""
+    """One of onnxruntime's quantizers (tools/_ort_quant.py) on our fp32 graph, in its own process; a quantizer that
+    fails (onnxruntime 1.32's k-quant at block 64) is a row saying so, not the end of the run."""
     cmd = [sys.executable, str(REPO / "tools" / "_ort_quant.py"), str(fp32_dir), str(out), "--kind", kind,
            "--block-size", str(block_size), *(["--windows", str(windows)] if windows else [])]
 
@@ -91,7 +107,10 @@ def ort_quantize(fp32_dir: Path, out: Path, kind: str, block_size: int, windows:
         return {"dir": str(out), "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1),
                 "quantizer_s": round(result["seconds"], 2),
                 "onnx_mb": round(sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20, 1)}
-    return _timed_row(out, cmd, row)
+    try:
+        return _timed_row(out, cmd, row)
+    except RuntimeError as e:
+        return {"dir": str(out), "failed": str(e).splitlines()[-1][-300:]}
 
 
 def calibration_windows(calibrate: str, hf: Path, work: Path, samples: int, seq_len: int) -> tuple[Path, Path]:
@@ -140,6 +159,7 @@ LIN = ("--no-quantize-lm-head", "--no-quantize-embedding")  # what onnxruntime's
 CALIBRATED = [  # (row, --format, flags): our --calibrate exports
     ("int4-linears-asym-gptq", "int4", ("--int4-scheme", "asym", *LIN)),  # like for like with onnxruntime's rows
     ("int4-linears-hqq-gptq", "int4", ("--int4-scheme", "hqq", *LIN)),
+    ("int4-linears-asym-ls-float-gptq", "int4", ("--int4-scheme", "asym-ls-float", *LIN)),
     ("int4-gptq", "int4", ()),  # the CPU defaults, lm_head and embedding int4 too
     ("int4-hqq-gptq", "int4", ("--int4-scheme", "hqq")),
     ("trt-int4-gptq", "trt-int4", ()),
@@ -233,6 +253,9 @@ def main() -> int:
                     help="add calibrated rows (ours: --calibrate; onnxruntime's GPTQ on the same token windows) and "
                          "onnxruntime's k-quant; bare --calibrate: the first 2000 GSM8K train rows")
     ap.add_argument("--calibration-samples", type=int, default=16)
+    ap.add_argument("--no-ort-gptq", action="store_true",
+                    help="leave out onnxruntime's GPTQ (it runs the whole graph once per MatMul input over all "
+                         "calibration tokens: ~40 min for SmolLM2 with 16 x 256 tokens on 2 cores)")
     ap.add_argument("--calibration-seq-len", type=int, default=256)
     ap.add_argument("--out", type=Path, default=Path("bench_export.json"))
     args = ap.parse_args()
@@ -304,7 +327,8 @@ def main() -> int:
         for name, fmt, extra in CALIBRATED:
             ex[name] = export(src, work / name, fmt, "--block-size", bs, *extra, *cal)
         ex["ort-k-quant"] = ort_quantize(work / "fp32", work / "ort-k-quant", "k-quant", args.block_size)
-        ex["ort-gptq"] = ort_quantize(work / "fp32", work / "ort-gptq", "gptq", args.block_size, windows)
+        if not args.no_ort_gptq:
+            ex["ort-gptq"] = ort_quantize(work / "fp32", work / "ort-gptq", "gptq", args.block_size, windows)
     if args.optimum_python:
         results["optimum_anchor"] = optimum_anchor(args.optimum_python, src, work, args.block_size)
     results["exports"] = ex
@@ -319,9 +343,10 @@ def main() -> int:
                  "int4-linears-sym-search", "ort-rtn-sym", "ort-rtn-asym", "ort-hqq", "int4-keep-principal",
                  "int4-keep-principal-asym", "int4", "int4-hqq", "int4-acc0", "nf4", "trt-int4",
                  "trt-int4-sym-search", "trt-int4-keep-principal", "trt-int4-linears"):
-        ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
+        ppl[name] = graph_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     for name in [n for n, _, _ in CALIBRATED] + ["ort-k-quant", "ort-gptq"] if args.calibrate else []:
-        ppl[name] = onnx_ppl(Path(ex[name]["dir"]), ids, args.chunk)
+        if name in ex and "failed" not in ex[name]:
+            ppl[name] = graph_ppl(Path(ex[name]["dir"]), ids, args.chunk)
     base = ppl["torch (qosora.load)"]
     results["perplexity"] = {"tokens": len(ids), "values": ppl, "increase": {k: v - base for k, v in ppl.items()}}
 
@@ -363,6 +388,9 @@ def print_tables(r: dict) -> None:
     print(f"\nSmolLM2-135M prepared rank 64 ({r['source']}), block size {r['block_size']}")
     print("\nexport            wall s   peak RSS MB   ONNX MB   mean rel. requant error")
     for k, v in r["exports"].items():
+        if "failed" in v:
+            print(f"  {k:<20} failed: {v['failed']}")
+            continue
         print(f"  {k:<20} {v['wall_s']:>6.1f}   {v['peak_rss_mb']:>9.0f}   {v['onnx_mb']:>7.1f}   "
               f"{v.get('mean_rel_error', float('nan')):.4f}")
     print(f"  fp32 checkpoint: {r['fp32_checkpoint_mb']:.0f} MB")

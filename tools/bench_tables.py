@@ -33,6 +33,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+sys.path.insert(0, str(REPO / "tools"))  # _reproduce_report, also when imported from the tests
 DOCS = (REPO / "BENCHMARKS.md", REPO / "README.md")
 MARKER = re.compile(r"<!-- (/?)bench:([\w.-]+) -->")
 
@@ -404,6 +405,115 @@ def _export_cost(j):
          " / ".join(f"{ex[k]['peak_rss_mb']:.0f}" for k in others) + " MiB"),
     ]
     return md_table(("", "wall s", "peak RSS"), rows)
+
+
+_QUALITY_RUNS = ("export_calibrated", "export_calibrated_bs64", "export_calibrated_rotated",
+                 "export_calibrated_rotated_bs64")
+_QUALITY_COLUMNS = ("fixture, block 32", "fixture, block 64", "rotated, block 32", "rotated, block 64")
+_LINEAR_ROWS = (  # (label, bench_export.py row): lm_head and embedding dense, as onnxruntime's quantizers leave them
+    ("onnxruntime RTN symmetric", "ort-rtn-sym"),
+    ("onnxruntime RTN asymmetric", "ort-rtn-asym"),
+    ("onnxruntime HQQ", "ort-hqq"),
+    ("onnxruntime k-quant", "ort-k-quant"),
+    ("onnxruntime GPTQ (the same calibration windows)", "ort-gptq"),
+    ("ours `asym`", "int4-linears-asym"),
+    ("ours `hqq`", "int4-linears"),
+    ("ours `asym-ls-float`", "int4-linears-asym-ls-float"),
+    ("ours `--keep-principal` (`hqq` residual + rank-64 branch)", "int4-keep-principal"),
+    ("ours `asym --calibrate`", "int4-linears-asym-gptq"),
+    ("ours `hqq --calibrate`", "int4-linears-hqq-gptq"),
+    ("ours `asym-ls-float --calibrate`", "int4-linears-asym-ls-float-gptq"),
+)
+_GRAPH_ROWS = (  # (label, data-free row, calibrated row): whole graphs as `qosora export` writes them
+    ("int4, the CPU default (`asym`; lm_head and embedding int4)", "int4", "int4-gptq"),
+    ("int4 `hqq` (the `--device cuda` scheme)", "int4-hqq", "int4-hqq-gptq"),
+    ("trt-int4 `sym` (absmax / 7; lm_head int4)", "trt-int4", "trt-int4-gptq"),
+    ("trt-int4 `sym-search`", "trt-int4-sym-search", "trt-int4-sym-search-gptq"),
+    ("trt-int4 `--keep-principal` (residual int4 + float rank-64 branch)", "trt-int4-keep-principal",
+     "trt-int4-keep-principal-gptq"),
+    ("trt-int4, lm_head dense (`--no-quantize-lm-head`)", "trt-int4-linears", "trt-int4-linears-gptq"),
+)
+
+
+def _measured(run: dict, rows) -> list[str]:
+    """The rows a run has (onnxruntime's GPTQ is measured in the first column only)."""
+    return [k for k in rows if k in run["perplexity"]["increase"]]
+
+
+def _ours_calibrated_lowest(run: dict) -> bool:
+    """Our best calibrated linears-only int4 is below every other linears-only int4 row of the run."""
+    rows = _measured(run, [k for _, k in _LINEAR_ROWS])
+    ours = [k for k in rows if k.startswith("int4-linears-") and k.endswith("-gptq")]
+    return min(_increase(run, k) for k in ours) < min(_increase(run, k) for k in rows if k not in ours)
+
+
+def _ppl_or_dash(run: dict, key: str, lowest: float) -> str:
+    if key not in run["perplexity"]["increase"]:
+        return "(not run)"
+    x = _increase(run, key)
+    return bold(signed(x)) if x == lowest else signed(x)
+
+
+@table("export_quality", *_QUALITY_RUNS)
+def _export_quality(j):
+    """Linears-only int4 against onnxruntime's quantizers; each column's lowest in bold."""
+    runs = [j[stem] for stem in _QUALITY_RUNS]
+    lowest = [min(_increase(run, k) for k in _measured(run, [k for _, k in _LINEAR_ROWS])) for run in runs]
+    rows = [(label, *(_ppl_or_dash(run, k, low) for run, low in zip(runs, lowest))) for label, k in _LINEAR_ROWS]
+    rows.append(("our calibrated int4 the lowest", *(verdict(_ours_calibrated_lowest(run)) for run in runs)))
+    return md_table(("linears only, perplexity increase over PyTorch", *_QUALITY_COLUMNS), rows)
+
+
+@table("export_graphs", *_QUALITY_RUNS)
+def _export_graphs(j):
+    """Whole graphs, data-free -> --calibrate, against onnxruntime's RTN asymmetric (linears only: an easier bar)."""
+    runs = [j[stem] for stem in _QUALITY_RUNS]
+    rows = [(label, *(f"{signed(_increase(run, free))} -> {signed(_increase(run, cal))}" for run in runs))
+            for label, free, cal in _GRAPH_ROWS]
+    rows.append(("onnxruntime RTN asymmetric, lm_head dense (the bar)",
+                 *(signed(_increase(run, "ort-rtn-asym")) for run in runs)))
+    rows.append(("calibrated trt-int4 `sym` no worse than the bar", *(
+        verdict(_increase(run, "trt-int4-gptq") <= _increase(run, "ort-rtn-asym")) for run in runs)))
+    return md_table(("perplexity increase, data-free -> `--calibrate`", *_QUALITY_COLUMNS), rows)
+
+
+_COST_ROWS = (  # (label, bench_export.py row)
+    ("ours int4 (CPU default)", "int4"),
+    ("ours int4 `--calibrate`", "int4-gptq"),
+    ("ours int4 `hqq --calibrate`", "int4-hqq-gptq"),
+    ("ours trt-int4", "trt-int4"),
+    ("ours trt-int4 `--calibrate`", "trt-int4-gptq"),
+    ("ours trt-int4 `--keep-principal --calibrate`", "trt-int4-keep-principal-gptq"),
+    ("ours fp32 (what onnxruntime's quantizers start from)", "fp32"),
+    ("onnxruntime RTN asymmetric on it", "ort-rtn-asym"),
+    ("onnxruntime HQQ on it", "ort-hqq"),
+    ("onnxruntime k-quant on it", "ort-k-quant"),
+    ("onnxruntime GPTQ on it (the same windows)", "ort-gptq"),
+)
+
+
+@table("export_quality_cost", "export_calibrated")
+def _export_quality_cost(j):
+    run = j["export_calibrated"]
+    ex = run["exports"]
+    rows = [(label, seconds(ex[k]["wall_s"]), f"{ex[k]['peak_rss_mb']:.0f} MiB", f"{ex[k]['onnx_mb']:.1f} MB",
+             signed(_increase(run, k))) for label, k in _COST_ROWS]
+    return md_table(("fixture, block 32", "wall", "peak RSS", "model.onnx + data", "perplexity increase"), rows)
+
+
+@table("reproduce_methods", "reproduce")
+def _reproduce_methods(j):
+    """tools/reproduce.py's study: its own report module renders it (also for `reproduce.py --report`)."""
+    from _reproduce_report import method_table
+
+    return method_table(j["reproduce"])
+
+
+@table("reproduce_variants", "reproduce")
+def _reproduce_variants(j):
+    from _reproduce_report import variants_table
+
+    return variants_table(j["reproduce"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ The study, cell by cell (each cell its own process, timed, peak RSS recorded; fi
            (written under --work; nothing of GSM8K is committed)
   prepare  each method's prepared directory (rank --rank; trainable parameters counted by `qosora inspect`)
   sweep    seed 0 at the method's default learning rate x --lr-factors; validation answer loss after --steps picks
-           the learning rate
+           the learning rate; a best lr at an end of the sweep gets --extend more lrs beyond it
   seeds    the chosen learning rate again with the other --seeds
   test     per (method, seed) at the chosen lr: held-out answer loss in PyTorch (qosora.load, fp32)
   deploy   per (method, seed) and deploy variant: `qosora export` (fp32 = the trained function up to float rounding;
@@ -51,7 +51,7 @@ def plan_from(args) -> dict:
     return {"model": "SmolLM2-135M-Instruct (the fixture: GGUF Q4_1 -> bf16)", "data": "GSM8K train.jsonl",
             "split_seed": args.split_seed, "test": args.test, "val": args.val, "steps": args.steps,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank,
-            "lr_factors": args.lr_factors, "seeds": args.seeds, "methods": args.methods,
+            "lr_factors": args.lr_factors, "extend": args.extend, "seeds": args.seeds, "methods": args.methods,
             "max_new_tokens": args.max_new_tokens, "variants": args.variants}
 
 
@@ -96,6 +96,13 @@ class Study:
         for m in a.methods:
             for lr in sweep_lrs(m, a.lr_factors):
                 self.train(m, lr, a.seeds[0])
+            for _ in range(a.extend):  # the best lr at an end of the sweep: one more step beyond it
+                lrs = self.swept(m)
+                best = self.chosen_lr(m)
+                if best not in (lrs[0], lrs[-1]) or len(lrs) < 2:
+                    break
+                ratio = lrs[1] / lrs[0]
+                self.train(m, float(f"{best * ratio if best == lrs[-1] else best / ratio:.3g}"), a.seeds[0])
             chosen[m] = self.chosen_lr(m)
         for m in a.methods:
             for seed in a.seeds[1:]:
@@ -116,10 +123,16 @@ class Study:
                   str(a.batch_size), str(a.seq_len), needs=run_dir / "qosora_config.json")
         return run_dir
 
+    def swept(self, method: str) -> list[float]:
+        """The learning rates trained with the first seed so far, ascending."""
+        seed = str(self.args.seeds[0])
+        return sorted(float(k.split("/")[2]) for k in self.cells
+                      if k.startswith(f"train/{method}/") and k.split("/")[3] == seed)
+
     def chosen_lr(self, method: str) -> float:
-        runs = {lr: self.cells[f"train/{method}/{lr:g}/{self.args.seeds[0]}"] for lr in
-                sweep_lrs(method, self.args.lr_factors)}
-        return min(runs, key=lambda lr: runs[lr]["final_eval_loss"])
+        """The swept learning rate with the lowest validation loss."""
+        seed = self.args.seeds[0]
+        return min(self.swept(method), key=lambda lr: self.cells[f"train/{method}/{lr:g}/{seed}"]["final_eval_loss"])
 
 
 def sweep_lrs(method: str, factors: list[float]) -> list[float]:
@@ -261,6 +274,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr-factors", type=lambda s: [float(x) for x in s.split(",")], default=[1 / 3, 1.0, 3.0])
+    ap.add_argument("--extend", type=int, default=2,
+                    help="when the best lr is at an end of the sweep, train this many more steps beyond it")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1])
     ap.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS))
     ap.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
