@@ -35,7 +35,7 @@ _SCHEME_HELP = (
     "hqq: min/max scale, float zero point fitted by half-quadratic optimisation (run as uint8 zero point + block "
     "offset); asym: min/max + integer zero point (fastest decode); asym-ls / asym-ls-float: least-squares scale, "
     "integer / float zero point; sym: scale absmax/7; sym-search: MSE-searched scale "
-    "(default: asym for int4 on cpu, hqq on cuda; sym for trt-int4)")
+    "(default: asym for int4 on cpu, hqq on cuda; sym-search for trt-int4)")
 
 
 @dataclass(frozen=True)
@@ -43,13 +43,17 @@ class ExportOptions:
     """Every option of an export; validated once in `validate`, written into the report."""
 
     format: Format = option("int4", "int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r "
-                                    "branch; fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT")
+                                    "branch; fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (symmetric "
+                                    "int4: add --calibrate for about a third of its perplexity increase at ~10x the "
+                                    "export time, --keep-principal for the most accurate graph at +40%% bytes; "
+                                    "BENCHMARKS.md)")
     block_size: BlockSize = option(32, "int4 / trt-int4 quantization block along K")
     # None: "asym" for int4 on cpu: integer zero points run MatMulNBits alone, as fast as onnxruntime-genai's own
     # int4 graph; "hqq"'s float zero points cost a block-offset term per linear on the CPU (0.73-0.80x the decode
     # speed on SmolLM2, for -1.4 perplexity on that Q4_1-derived fixture and -0.3 on its rotated copy,
-    # BENCHMARKS.md). "hqq" on cuda, whose MatMulNBits takes float zero points natively. "sym" for trt-int4
-    # (TensorRT is symmetric; "sym-search" clips NF4 outliers the same way and measured worse than absmax / 7).
+    # BENCHMARKS.md). "hqq" on cuda, whose MatMulNBits takes float zero points natively. "sym-search" for trt-int4
+    # (TensorRT is symmetric): on the rotated SmolLM2 copy its perplexity increase is +5.86 to absmax / 7's +8.64
+    # data-free and +0.78 to +1.12 calibrated (on the Q4_1-derived fixture absmax / 7 is 0.5 better data-free).
     int4_scheme: Int4Scheme | None = option(None, _SCHEME_HELP)
     device: Device = option("cpu", "where the graph will run: cpu (float32 I/O, int8-activation int4 kernels) or cuda "
                                    "(onnxruntime-gpu: float16 I/O and KV cache, float int4 kernels, genai_config for "
@@ -92,7 +96,7 @@ class ExportOptions:
         """Check every field, fill the format-dependent defaults, then the rules that tie fields together."""
         check(self)
         fmt = self.format
-        default_scheme = "sym" if fmt == "trt-int4" else ("hqq" if self.device == "cuda" else "asym")
+        default_scheme = "sym-search" if fmt == "trt-int4" else ("hqq" if self.device == "cuda" else "asym")
         opts = replace(self, int4_scheme=self.int4_scheme or default_scheme,
                        attention=self.attention or ("gqa" if fmt in _MS_DOMAIN_FORMATS else "standard"),
                        accuracy_level=(0 if self.device == "cuda" else 4) if self.accuracy_level is None

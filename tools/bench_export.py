@@ -162,7 +162,7 @@ CALIBRATED = [  # (row, --format, flags): our --calibrate exports
     ("int4-linears-asym-ls-float-gptq", "int4", ("--int4-scheme", "asym-ls-float", *LIN)),
     ("int4-gptq", "int4", ()),  # the CPU defaults, lm_head and embedding int4 too
     ("int4-hqq-gptq", "int4", ("--int4-scheme", "hqq")),
-    ("trt-int4-gptq", "trt-int4", ()),
+    ("trt-int4-gptq", "trt-int4", ("--int4-scheme", "sym")),  # absmax / 7; sym-search is the default now
     ("trt-int4-sym-search-gptq", "trt-int4", ("--int4-scheme", "sym-search")),
     ("trt-int4-keep-principal-gptq", "trt-int4", ("--keep-principal",)),
     ("trt-int4-linears-gptq", "trt-int4", LIN),
@@ -307,7 +307,7 @@ def main() -> int:
         "int4-keep-principal-asym": export(src, work / "int4-kp-asym", "int4", "--block-size", bs, "--keep-principal",
                                            "--int4-scheme", "asym", *lin),
         "nf4": export(src, work / "nf4", "nf4"),
-        "trt-int4": export(src, work / "trt-int4", "trt-int4", "--block-size", bs),
+        "trt-int4": export(src, work / "trt-int4", "trt-int4", "--block-size", bs, "--int4-scheme", "sym"),
         "trt-int4-sym-search": export(src, work / "trt-int4-ss", "trt-int4", "--block-size", bs, "--int4-scheme",
                                       "sym-search"),
         "trt-int4-keep-principal": export(src, work / "trt-int4-kp", "trt-int4", "--block-size", bs,

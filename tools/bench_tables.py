@@ -49,6 +49,7 @@ class Table:
     name: str
     stems: tuple[str, ...]  # reads bench/<stem>.json for each
     render: Render
+    optional: tuple[str, ...] = ()  # stems that may not exist yet (a column still to be measured): None then
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -56,7 +57,8 @@ class Table:
 
     def render_from(self, bench: Path = BENCH) -> str:
         """The table rendered from the JSON files under `bench`."""
-        data = {s: json.loads((bench / f"{s}.json").read_text()) for s in self.stems}
+        data = {s: json.loads((bench / f"{s}.json").read_text())
+                if s not in self.optional or (bench / f"{s}.json").is_file() else None for s in self.stems}
         try:
             return self.render(data)
         except KeyError as e:  # a benchmark script renamed or dropped a field this table reads
@@ -67,12 +69,13 @@ class Table:
 TABLES: dict[str, Table] = {}
 
 
-def table(name: str, *stems: str) -> Callable[[Render], Render]:
-    """Register the decorated function as the render function of table NAME, reading bench/<stem>.json."""
+def table(name: str, *stems: str, optional: tuple[str, ...] = ()) -> Callable[[Render], Render]:
+    """Register the decorated function as the render function of table NAME, reading bench/<stem>.json (`optional`
+    stems: None where the file is not there yet)."""
     def register(render: Render) -> Render:
         if name in TABLES:
             raise ValueError(f"table {name!r} registered twice")
-        TABLES[name] = Table(name, stems, render)
+        TABLES[name] = Table(name, stems, render, optional)
         return render
     return register
 
@@ -427,8 +430,8 @@ _LINEAR_ROWS = (  # (label, bench_export.py row): lm_head and embedding dense, a
 _GRAPH_ROWS = (  # (label, data-free row, calibrated row): whole graphs as `qosora export` writes them
     ("int4, the CPU default (`asym`; lm_head and embedding int4)", "int4", "int4-gptq"),
     ("int4 `hqq` (the `--device cuda` scheme)", "int4-hqq", "int4-hqq-gptq"),
-    ("trt-int4 `sym` (absmax / 7; lm_head int4)", "trt-int4", "trt-int4-gptq"),
-    ("trt-int4 `sym-search`", "trt-int4-sym-search", "trt-int4-sym-search-gptq"),
+    ("trt-int4 `sym` (absmax / 7; lm_head int4; the default before this run)", "trt-int4", "trt-int4-gptq"),
+    ("trt-int4 `sym-search` (the trt-int4 default)", "trt-int4-sym-search", "trt-int4-sym-search-gptq"),
     ("trt-int4 `--keep-principal` (residual int4 + float rank-64 branch)", "trt-int4-keep-principal",
      "trt-int4-keep-principal-gptq"),
     ("trt-int4, lm_head dense (`--no-quantize-lm-head`)", "trt-int4-linears", "trt-int4-linears-gptq"),
@@ -448,32 +451,38 @@ def _ours_calibrated_lowest(run: dict) -> bool:
 
 
 def _ppl_or_dash(run: dict, key: str, lowest: float) -> str:
+    if "failed" in run["exports"].get(key, {}):
+        return "fails (onnxruntime error)"
     if key not in run["perplexity"]["increase"]:
         return "(not run)"
     x = _increase(run, key)
     return bold(signed(x)) if x == lowest else signed(x)
 
 
-@table("export_quality", *_QUALITY_RUNS)
+def _columns(j: dict, cell: Callable[[dict], str]) -> list[str]:
+    """One cell per quality column; a column not measured yet says so."""
+    return [cell(j[stem]) if j[stem] is not None else "(not run yet)" for stem in _QUALITY_RUNS]
+
+
+@table("export_quality", *_QUALITY_RUNS, optional=_QUALITY_RUNS[1:])
 def _export_quality(j):
     """Linears-only int4 against onnxruntime's quantizers; each column's lowest in bold."""
-    runs = [j[stem] for stem in _QUALITY_RUNS]
-    lowest = [min(_increase(run, k) for k in _measured(run, [k for _, k in _LINEAR_ROWS])) for run in runs]
-    rows = [(label, *(_ppl_or_dash(run, k, low) for run, low in zip(runs, lowest))) for label, k in _LINEAR_ROWS]
-    rows.append(("our calibrated int4 the lowest", *(verdict(_ours_calibrated_lowest(run)) for run in runs)))
+    def lowest(run):
+        return min(_increase(run, k) for k in _measured(run, [k for _, k in _LINEAR_ROWS]))
+    rows = [(label, *_columns(j, lambda run: _ppl_or_dash(run, k, lowest(run)))) for label, k in _LINEAR_ROWS]
+    rows.append(("our calibrated int4 the lowest", *_columns(j, lambda run: verdict(_ours_calibrated_lowest(run)))))
     return md_table(("linears only, perplexity increase over PyTorch", *_QUALITY_COLUMNS), rows)
 
 
-@table("export_graphs", *_QUALITY_RUNS)
+@table("export_graphs", *_QUALITY_RUNS, optional=_QUALITY_RUNS[1:])
 def _export_graphs(j):
     """Whole graphs, data-free -> --calibrate, against onnxruntime's RTN asymmetric (linears only: an easier bar)."""
-    runs = [j[stem] for stem in _QUALITY_RUNS]
-    rows = [(label, *(f"{signed(_increase(run, free))} -> {signed(_increase(run, cal))}" for run in runs))
+    rows = [(label, *_columns(j, lambda run: f"{signed(_increase(run, free))} -> {signed(_increase(run, cal))}"))
             for label, free, cal in _GRAPH_ROWS]
     rows.append(("onnxruntime RTN asymmetric, lm_head dense (the bar)",
-                 *(signed(_increase(run, "ort-rtn-asym")) for run in runs)))
-    rows.append(("calibrated trt-int4 `sym` no worse than the bar", *(
-        verdict(_increase(run, "trt-int4-gptq") <= _increase(run, "ort-rtn-asym")) for run in runs)))
+                 *_columns(j, lambda run: signed(_increase(run, "ort-rtn-asym")))))
+    rows.append(("calibrated trt-int4 `sym` no worse than the bar", *_columns(
+        j, lambda run: verdict(_increase(run, "trt-int4-gptq") <= _increase(run, "ort-rtn-asym")))))
     return md_table(("perplexity increase, data-free -> `--calibrate`", *_QUALITY_COLUMNS), rows)
 
 
@@ -521,11 +530,12 @@ def _reproduce_variants(j):
 
 
 @table("headline", "prepare", "fidelity", "train", "export", "export_bs64", "export_rotated", "export_rotated_bs64",
-       "decode", "rehearsal_7b")
+       "decode", "rehearsal_7b", "export_calibrated", "export_calibrated_rotated")
 def _headline(j):
     """One entry a row, (what, measured, anchor): a new headline is one more entry. None (no data) is left out."""
     prep, fid, train, dec, big = j["prepare"], j["fidelity"]["results"], j["train"], j["decode"], j["rehearsal_7b"]
     ex32, ex64, rot32, rot64 = (_export_run(j, stem) for stem in _EXPORT_RUNS)
+    cal, cal_rot = j["export_calibrated"], j["export_calibrated_rotated"]
     big_ratio = {step: big["steps"][step]["peak_rss_bytes"] / big["checkpoint_bf16_bytes"]
                  for step in ("prepare", "train", "export")}
     rows = [
@@ -548,6 +558,15 @@ def _headline(j):
          f"on the rotated copy (no Q4_1 grid): {signed(_increase(rot32, 'int4-keep-principal'))} / "
          f"{signed(_increase(rot64, 'int4-keep-principal'))} vs onnxruntime HQQ {signed(_increase(rot32, 'ort-hqq'))}"
          f" / {signed(_increase(rot64, 'ort-hqq'))}"),
+        ("`export --calibrate` (GPTQ), default int4 graph, fixture / rotated copy",
+         f"{signed(_increase(cal, 'int4-gptq'))} / {signed(_increase(cal_rot, 'int4-gptq'))} "
+         f"(data-free {signed(_increase(cal, 'int4'))} / {signed(_increase(cal_rot, 'int4'))})",
+         f"onnxruntime GPTQ, lm_head dense {signed(_increase(cal, 'ort-gptq'))} (fixture)"),
+        ("`export --format trt-int4 --calibrate` (`sym-search`, standard ONNX ops), fixture / rotated",
+         f"{signed(_increase(cal, 'trt-int4-sym-search-gptq'))} / "
+         f"{signed(_increase(cal_rot, 'trt-int4-sym-search-gptq'))}",
+         f"onnxruntime RTN asymmetric, lm_head dense {signed(_increase(cal, 'ort-rtn-asym'))} / "
+         f"{signed(_increase(cal_rot, 'ort-rtn-asym'))}"),
         ("`qosora generate` int4 decode, 1 / 2 threads, batch 1",
          f"{_decode_range(dec, threads=1, batch_size=1)} / {_decode_range(dec, threads=2, batch_size=1)}",
          "onnxruntime-genai's Generator on its builder's int4 graph, AVX-512 CPU"),

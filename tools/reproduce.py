@@ -96,7 +96,7 @@ class Study:
         for m in a.methods:
             for lr in sweep_lrs(m, a.lr_factors):
                 self.train(m, lr, a.seeds[0])
-            for _ in range(a.extend):  # the best lr at an end of the sweep: one more step beyond it
+            while len(self.swept(m)) < len(a.lr_factors) + a.extend:  # best lr at an end: one step beyond it
                 lrs = self.swept(m)
                 best = self.chosen_lr(m)
                 if best not in (lrs[0], lrs[-1]) or len(lrs) < 2:
