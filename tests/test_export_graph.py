@@ -375,7 +375,7 @@ def test_options_are_validated():
     with pytest.raises(QosoraError, match="--accuracy-level must be <= 4"):
         ExportOptions(accuracy_level=5).validate()
     resolved = ExportOptions(format="trt-int4").validate()
-    assert (resolved.int4_scheme, resolved.attention) == ("sym", "standard")
+    assert (resolved.int4_scheme, resolved.attention) == ("sym-search", "standard")
     assert ExportOptions(format="nf4").validate().attention == "gqa"
 
 
