@@ -141,8 +141,10 @@ def sweep_lrs(method: str, factors: list[float]) -> list[float]:
     return [float(f"{METHOD_SPECS[method].default_lr * f:.3g}") for f in factors]
 
 
-def split(work: Path, seed: int, n_test: int, n_val: int, source: Path = GSM8K) -> None:
-    """test / val / train JSONL under work, disjoint (skipped when already written with this seed and sizes)."""
+def split(work: Path, seed: int, n_test: int, n_val: int, source: Path | None = None) -> None:
+    """test / val / train JSONL under work (from `source`, default GSM8K's train file), disjoint; skipped when
+    already written with this seed and sizes."""
+    source = source or GSM8K
     marker = work / "split.json"
     if marker.is_file() and json.loads(marker.read_text()) == {"seed": seed, "test": n_test, "val": n_val}:
         return
