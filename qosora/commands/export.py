@@ -59,15 +59,15 @@ def run(args) -> int:
 
 def _calibration_would_help(directory: str, opts: ExportOptions) -> bool:
     """An uncalibrated int4 / trt-int4 export of a `qosora train` run directory whose recorded data is at hand."""
-    import json
     from pathlib import Path
 
+    from qosora.errors import QosoraError
+    from qosora.export.calibration import TRAINING_DATA, calibration_file
     from qosora.export.options import INT4_FORMATS
 
-    record = Path(directory) / "train_config.json"
-    if opts.calibrate is not None or opts.format not in INT4_FORMATS or not record.is_file():
+    if opts.calibrate is not None or opts.format not in INT4_FORMATS:
         return False
     try:
-        return Path(json.loads(record.read_text())["data"]).is_file()
-    except (OSError, ValueError, KeyError, TypeError):
+        return calibration_file(TRAINING_DATA, Path(directory)).is_file()
+    except QosoraError:  # no record, or the recorded file is gone
         return False
