@@ -1,0 +1,79 @@
+"""README.md's headline table: one row per claim, each read from the same JSON as BENCHMARKS.md's tables."""
+
+from __future__ import annotations
+
+from .core import bold, md_table, pct, signed, table, times
+from .export import _EXPORT_RUNS, _export_run, _increase, _optimum_routes
+from .pipeline import _decode_cell
+
+
+@table("headline", "prepare", "fidelity", "train", "export", "export_bs64", "export_rotated", "export_rotated_bs64",
+       "decode", "rehearsal_7b", "export_calibrated", "export_calibrated_rotated")
+def _headline(j):
+    """One entry a row, (what, measured, anchor): a new headline is one more entry. None (no data) is left out."""
+    prep, fid, train, dec, big = j["prepare"], j["fidelity"]["results"], j["train"], j["decode"], j["rehearsal_7b"]
+    ex32, ex64, rot32, rot64 = (_export_run(j, stem) for stem in _EXPORT_RUNS)
+    cal, cal_rot = j["export_calibrated"], j["export_calibrated_rotated"]
+    big_ratio = {step: big["steps"][step]["peak_rss_bytes"] / big["checkpoint_bf16_bytes"]
+                 for step in ("prepare", "train", "export")}
+    rows = [
+        ("`qosora prepare` rank 64, time / peak RSS",
+         f"{times(prep['time_ratio_qosora_over_peft'])} / {times(prep['rss_ratio_qosora_over_peft'])}",
+         "PEFT's PiSSA route (fp32 load, `pissa_niter_4`, 4-bit reload)"),
+        ("error below plain NF4, 1 / 5 rounds",
+         f"{pct(fid['randomized SVD, 1 round']['error_reduction'])} / "
+         f"{pct(fid['randomized SVD, 5 rounds']['error_reduction'])}",
+         "bitsandbytes NF4 of the same weights (QLoRA's base)"),
+        ("training step, SORSA / OSoRA, s/step",
+         f"{times(train['sorsa']['time_ratio_vs_peft'])} / {times(train['osora']['time_ratio_vs_peft'])}",
+         "PEFT QLoRA r16"),
+        _headline_export_cost(ex32),
+        ("int4 perplexity increase, linears, block 32 / 64",
+         f"{signed(_increase(ex32, 'int4-linears'))} / {signed(_increase(ex64, 'int4-linears'))}",
+         f"onnxruntime's best (HQQ) {signed(_increase(ex32, 'ort-hqq'))} / {signed(_increase(ex64, 'ort-hqq'))}"),
+        ("same, `--keep-principal`",
+         f"{signed(_increase(ex32, 'int4-keep-principal'))} / {bold(signed(_increase(ex64, 'int4-keep-principal')))}",
+         f"on the rotated copy (no Q4_1 grid): {signed(_increase(rot32, 'int4-keep-principal'))} / "
+         f"{signed(_increase(rot64, 'int4-keep-principal'))} vs onnxruntime HQQ {signed(_increase(rot32, 'ort-hqq'))}"
+         f" / {signed(_increase(rot64, 'ort-hqq'))}"),
+        ("`export --calibrate` (GPTQ), default int4 graph, fixture / rotated copy",
+         f"{signed(_increase(cal, 'int4-gptq'))} / {signed(_increase(cal_rot, 'int4-gptq'))} "
+         f"(data-free {signed(_increase(cal, 'int4'))} / {signed(_increase(cal_rot, 'int4'))})",
+         f"onnxruntime GPTQ, lm_head dense {signed(_increase(cal, 'ort-gptq'))} (fixture)"),
+        ("`export --format trt-int4 --calibrate` (`sym-search`, standard ONNX ops), fixture / rotated",
+         f"{signed(_increase(cal, 'trt-int4-sym-search-gptq'))} / "
+         f"{signed(_increase(cal_rot, 'trt-int4-sym-search-gptq'))}",
+         f"onnxruntime RTN asymmetric, lm_head dense {signed(_increase(cal, 'ort-rtn-asym'))} / "
+         f"{signed(_increase(cal_rot, 'ort-rtn-asym'))}"),
+        ("`qosora generate` int4 decode, 1 / 2 threads, batch 1",
+         f"{_decode_range(dec, threads=1, batch_size=1)} / {_decode_range(dec, threads=2, batch_size=1)}",
+         "onnxruntime-genai's Generator on its builder's int4 graph, AVX-512 CPU"),
+        ("prefill of 512 tokens / int4 perplexity increase",
+         f"{times(_decode_cell(dec, 1, 512, 1)['prefill_vs_anchor']['qosora on ours'])} the time / "
+         f"{dec['perplexity']['increase']['ours']:+.2f}",
+         f"same anchor / {dec['perplexity']['increase']['builder']:+.2f}"),
+        ("Llama-2-7B shape on this CPU: prepare, train, export peak RSS",
+         " / ".join(times(x) for x in big_ratio.values()) + " the bf16 checkpoint",
+         f"training peak {times(big['training_peak']['measured_over_planned'])} `qosora plan`"),
+        ("nf4 export greedy agreement, 64 tokens x 5 prompts",
+         f"{ex32['greedy_64']['nf4']['greedy_agree_tokens']} / {ex32['greedy_64']['nf4']['greedy_total_tokens']}",
+         "PyTorch model of the same directory"),
+    ]
+    return md_table(("what", "measured", "anchor, same run"), [r for r in rows if r is not None])
+
+
+def _headline_export_cost(run: dict) -> tuple | None:
+    """Time and peak RSS of our int4 export against optimum's route, where the run measured it."""
+    if "optimum_anchor" not in run:
+        return None
+    rtn_s, rtn_mib = _optimum_routes(run["optimum_anchor"])["rtn-asym"]
+    ours = run["exports"]["int4"]
+    return ("`qosora export` int4, time / peak RSS", f"{times(ours['wall_s'] / rtn_s)} / "
+            f"{times(ours['peak_rss_mb'] / rtn_mib)}", "optimum-onnx export + onnxruntime int4 quantizer")
+
+
+def _decode_range(decode: dict, threads: int, batch_size: int) -> str:
+    """Our decode speed over the anchor's, lowest-highest over prompt lengths: '0.95-1.01x'."""
+    ratios = [s["decode_vs_anchor"]["qosora on ours"] for s in decode["summary"]
+              if (s["threads"], s["batch_size"]) == (threads, batch_size)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}x"
