@@ -96,8 +96,8 @@ BENCHMARKS = (
                                "/tmp/smollm2-rotated", None),
     Benchmark("export_rotated", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot --skip-speed "
                                 "--out bench/export_rotated.json", "bench/export_rotated.json"),
-    Benchmark("export_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot "
-                                     "--block-size 64 --skip-speed --out bench/export_rotated_bs64.json",
+    Benchmark("export_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --src /tmp/qosora-bench-rot/prepared-r64 "
+                                     "--work /tmp/qosora-bench-rot64 --block-size 64 --skip-speed --out bench/export_rotated_bs64.json",
               "bench/export_rotated_bs64.json"),
     # issue #13: every quantizer, ours calibrated and onnxruntime's, in four columns; onnxruntime's GPTQ (~40 min a
     # column here: the whole graph once per MatMul input over all calibration tokens) in the first only
@@ -111,7 +111,8 @@ BENCHMARKS = (
                                            "--calibrate --skip-speed --no-ort-gptq "
                                            "--out bench/export_calibrated_rotated.json",
               "bench/export_calibrated_rotated.json", (_GSM8K,)),
-    Benchmark("export_calibrated_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot "
+    Benchmark("export_calibrated_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated "
+                                                "--src /tmp/qosora-bench-rot/prepared-r64 --work /tmp/qosora-bench-rot64 "
                                                 "--block-size 64 --calibrate --skip-speed --no-ort-gptq "
                                                 "--out bench/export_calibrated_rotated_bs64.json",
               "bench/export_calibrated_rotated_bs64.json", (_GSM8K,)),
