@@ -11,6 +11,7 @@ windows our `--calibrate` draws); onnxruntime runs the whole graph once per dist
 collect each Hessian. The quantizer gets the model with its external data loaded (a path would leave the untouched
 tensors pointing at SRC's data file: GPTQ's session is built from the bytes and cannot resolve them, and the saved
 copy would lack them). Prints one JSON line: the quantizer's own wall time (load and save included).
+Needs the `bench` extra (`pip install -e .[bench]`: onnxruntime's quantizer imports onnx-ir and onnxscript).
 """
 
 from __future__ import annotations

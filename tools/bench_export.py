@@ -160,6 +160,7 @@ CALIBRATED = [  # (row, --format, flags): our --calibrate exports
     ("int4-linears-asym-gptq", "int4", ("--int4-scheme", "asym", *LIN)),  # like for like with onnxruntime's rows
     ("int4-linears-hqq-gptq", "int4", ("--int4-scheme", "hqq", *LIN)),
     ("int4-linears-asym-ls-float-gptq", "int4", ("--int4-scheme", "asym-ls-float", *LIN)),
+    ("int4-linears-keep-principal-gptq", "int4", ("--keep-principal", "--int4-scheme", "hqq", *LIN)),
     ("int4-gptq", "int4", ()),  # the CPU defaults, lm_head and embedding int4 too
     ("int4-hqq-gptq", "int4", ("--int4-scheme", "hqq")),
     ("trt-int4-gptq", "trt-int4", ("--int4-scheme", "sym")),  # absmax / 7; sym-search is the default now

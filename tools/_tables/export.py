@@ -133,6 +133,7 @@ _LINEAR_ROWS = (  # (label, bench_export.py row): lm_head and embedding dense, a
     ("ours `asym --calibrate`", "int4-linears-asym-gptq"),
     ("ours `hqq --calibrate`", "int4-linears-hqq-gptq"),
     ("ours `asym-ls-float --calibrate`", "int4-linears-asym-ls-float-gptq"),
+    ("ours `--keep-principal --calibrate` (`hqq` residual compensated)", "int4-linears-keep-principal-gptq"),
 )
 _GRAPH_ROWS = (  # (label, data-free row, calibrated row): whole graphs as `qosora export` writes them
     ("int4, the CPU default (`asym`; lm_head and embedding int4)", "int4", "int4-gptq"),
