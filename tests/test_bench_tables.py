@@ -131,6 +131,6 @@ def test_bench_all_only_and_skip():
 
 def test_a_newer_bench_export_run_is_refused_not_misread(tmp_path):
     shutil.copytree(bench_tables.BENCH, tmp_path, dirs_exist_ok=True)
-    shutil.copy(tmp_path / "export_issue11.json", tmp_path / "export_rotated.json")  # `int4` means `asym` there
+    shutil.copy(tmp_path / "export_issue11.json", tmp_path / "export.json")  # `int4` means `asym` there
     with pytest.raises(bench_tables.TableError, match="issue #11"):
-        bench_tables.TABLES["export_perplexity"].render_from(tmp_path)
+        bench_tables.TABLES["export_speed"].render_from(tmp_path)

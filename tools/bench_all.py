@@ -88,17 +88,10 @@ BENCHMARKS = (
               "bench/export.json", (_OPTIMUM,)),
     Benchmark("decode_spinning",  # times the graphs the export step left in /tmp/qosora-bench-export
               "python tools/bench_decode_spinning.py --out bench/decode_spinning.json", "bench/decode_spinning.json"),
-    Benchmark("export_bs64", f"{_EXPORT} --src /tmp/qosora-bench-export/prepared-r64 --work /tmp/qosora-bench-export64 "
-                             "--block-size 64 --skip-speed --out bench/export_bs64.json", "bench/export_bs64.json"),
     Benchmark("export_issue11", f"{_EXPORT} --src /tmp/qosora-bench-export/prepared-r64 --repeats 1 --threads 2 "
                                 "--out bench/export_issue11.json", "bench/export_issue11.json"),
     Benchmark("rotated_model", "python tools/make_rotated_llama.py ~/.cache/qosora/smollm2-135m-instruct "
                                "/tmp/smollm2-rotated", None),
-    Benchmark("export_rotated", f"{_EXPORT} --model /tmp/smollm2-rotated --work /tmp/qosora-bench-rot --skip-speed "
-                                "--out bench/export_rotated.json", "bench/export_rotated.json"),
-    Benchmark("export_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated --src /tmp/qosora-bench-rot/prepared-r64 "
-                                     "--work /tmp/qosora-bench-rot64 --block-size 64 --skip-speed --out bench/export_rotated_bs64.json",
-              "bench/export_rotated_bs64.json"),
     # issue #13: every quantizer, ours calibrated and onnxruntime's, in four columns; onnxruntime's GPTQ (~40 min a
     # column here: the whole graph once per MatMul input over all calibration tokens) in the first only
     Benchmark("export_calibrated", f"{_EXPORT} --calibrate --skip-speed --out bench/export_calibrated.json",

@@ -1,4 +1,4 @@
-"""The tables of BENCHMARKS.md's export sections: Export (issue #4) and Export quality (issue #13)."""
+"""The tables of BENCHMARKS.md's export sections: Export quality (issue #13) and Export speed and cost (issue #4)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,8 @@ from collections.abc import Callable
 from .core import TableError, bold, md_table, seconds, signed, table, times, verdict
 
 
-# The Export section: bench_export.py as it was before issue #11 renamed its rows (`int4` was the `hqq` graph).
-_EXPORT_RUNS = ("export", "export_bs64", "export_rotated", "export_rotated_bs64")
-_NOT_INT4 = ("fp32", "nf4")
-_EXPORT_PPL_ROWS = (  # (label, bench_export.py rows shown in one cell)
-    ("ours `hqq` (the `--device cuda` default)", ("int4-linears",)),
-    ("ours `asym-ls-float`", ("int4-linears-asym-ls-float",)),
-    ("ours `asym-ls`", ("int4-linears-asym-ls",)),
-    ("ours `asym` (min/max, integer zero point)", ("int4-linears-asym",)),
-    ("ours `sym` (absmax / 7) / `sym-search`", ("int4-linears-sym7", "int4-linears-sym-search")),
-    ("onnxruntime RTN symmetric (absmax / 8)", ("ort-rtn-sym",)),
-    ("onnxruntime RTN asymmetric", ("ort-rtn-asym",)),
-    ("onnxruntime HQQ (the best of onnxruntime's)", ("ort-hqq",)),
-    ("**ours `--keep-principal`** (`hqq` residual + rank-64 branch)", ("int4-keep-principal",)),
-    ("ours `--keep-principal --int4-scheme asym`", ("int4-keep-principal-asym",)),
-    ("`hqq` export, lm_head and embedding int4 too (the default before issue #11)", ("int4",)),
-    ("ours fp32 / nf4 (MatMulBnb4 + rank-64 branch)", _NOT_INT4),
-    ("ours trt-int4 (symmetric absmax / 7, default ONNX ops only)", ("trt-int4",)),
-)
-
-
+# The Export section's speed and cost: bench/export.json, a run of bench_export.py from before issue #11 renamed its
+# rows (`int4` was the `hqq` graph then). Its perplexities moved to the Export quality tables (today's rows).
 def _export_run(j: dict, stem: str) -> dict:
     """bench/<stem>.json as these tables read it; a run of today's bench_export.py is refused, not misread."""
     if "int4-hqq" in j[stem]["exports"]:
@@ -37,21 +19,6 @@ def _export_run(j: dict, stem: str) -> dict:
 
 def _increase(run: dict, row: str) -> float:
     return run["perplexity"]["increase"][row]
-
-
-def _ppl_cell(run: dict, keys: tuple[str, ...], lowest: float) -> str:
-    return " / ".join(bold(signed(x)) if x == lowest else signed(x) for x in (_increase(run, k) for k in keys))
-
-
-@table("export_perplexity", *_EXPORT_RUNS)
-def _export_perplexity(j):
-    """Each column's lowest int4 increase in bold."""
-    runs = [_export_run(j, stem) for stem in _EXPORT_RUNS]
-    int4 = [k for _, keys in _EXPORT_PPL_ROWS for k in keys if k not in _NOT_INT4]
-    lowest = [min(_increase(run, k) for k in int4) for run in runs]
-    rows = [(label, *(_ppl_cell(run, keys, low) for run, low in zip(runs, lowest))) for label, keys in _EXPORT_PPL_ROWS]
-    return md_table(("linears only, perplexity increase over PyTorch", "fixture, block 32", "fixture, block 64",
-                     "rotated, block 32", "rotated, block 64"), rows)
 
 
 _EXPORT_SPEED_ROWS = (  # (bench_export.py row, label)
@@ -121,15 +88,19 @@ _QUALITY_RUNS = ("export_calibrated", "export_calibrated_bs64", "export_calibrat
                  "export_calibrated_rotated_bs64")
 _QUALITY_COLUMNS = ("fixture, block 32", "fixture, block 64", "rotated, block 32", "rotated, block 64")
 _LINEAR_ROWS = (  # (label, bench_export.py row): lm_head and embedding dense, as onnxruntime's quantizers leave them
-    ("onnxruntime RTN symmetric", "ort-rtn-sym"),
+    ("onnxruntime RTN symmetric (absmax / 8)", "ort-rtn-sym"),
     ("onnxruntime RTN asymmetric", "ort-rtn-asym"),
     ("onnxruntime HQQ", "ort-hqq"),
     ("onnxruntime k-quant", "ort-k-quant"),
     ("onnxruntime GPTQ (the same calibration windows)", "ort-gptq"),
-    ("ours `asym`", "int4-linears-asym"),
+    ("ours `sym` (absmax / 7)", "int4-linears-sym7"),
+    ("ours `sym-search`", "int4-linears-sym-search"),
+    ("ours `asym` (min/max, integer zero point)", "int4-linears-asym"),
+    ("ours `asym-ls` (least-squares scale)", "int4-linears-asym-ls"),
+    ("ours `asym-ls-float` (and a float zero point)", "int4-linears-asym-ls-float"),
     ("ours `hqq`", "int4-linears"),
-    ("ours `asym-ls-float`", "int4-linears-asym-ls-float"),
     ("ours `--keep-principal` (`hqq` residual + rank-64 branch)", "int4-keep-principal"),
+    ("ours `--keep-principal --int4-scheme asym`", "int4-keep-principal-asym"),
     ("ours `asym --calibrate`", "int4-linears-asym-gptq"),
     ("ours `hqq --calibrate`", "int4-linears-hqq-gptq"),
     ("ours `asym-ls-float --calibrate`", "int4-linears-asym-ls-float-gptq"),
@@ -187,6 +158,8 @@ def _export_graphs(j):
     """Whole graphs, data-free -> --calibrate, against onnxruntime's RTN asymmetric (linears only: an easier bar)."""
     rows = [(label, *_columns(j, lambda run: f"{signed(_increase(run, free))} -> {signed(_increase(run, cal))}"))
             for label, free, cal in _GRAPH_ROWS]
+    rows.append(("fp32 / nf4 (MatMulBnb4 + rank-64 branch), for reference", *_columns(
+        j, lambda run: f"{signed(_increase(run, 'fp32'))} / {signed(_increase(run, 'nf4'))}")))
     rows.append(("onnxruntime RTN asymmetric, lm_head dense (the bar)",
                  *_columns(j, lambda run: signed(_increase(run, "ort-rtn-asym")))))
     rows.append(("calibrated trt-int4 `sym` no worse than the bar", *_columns(

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from .core import bold, md_table, pct, signed, table, times
-from .export import _EXPORT_RUNS, _export_run, _increase, _optimum_routes
+from .export import _export_run, _increase, _optimum_routes
 from .pipeline import _decode_cell
 
 
-@table("headline", "prepare", "fidelity", "train", "export", "export_bs64", "export_rotated", "export_rotated_bs64",
-       "decode", "rehearsal_7b", "export_calibrated", "export_calibrated_rotated")
+@table("headline", "prepare", "fidelity", "train", "export", "decode", "rehearsal_7b", "export_calibrated",
+       "export_calibrated_bs64", "export_calibrated_rotated", "export_calibrated_rotated_bs64")
 def _headline(j):
     """One entry a row, (what, measured, anchor): a new headline is one more entry. None (no data) is left out."""
     prep, fid, train, dec, big = j["prepare"], j["fidelity"]["results"], j["train"], j["decode"], j["rehearsal_7b"]
-    ex32, ex64, rot32, rot64 = (_export_run(j, stem) for stem in _EXPORT_RUNS)
-    cal, cal_rot = j["export_calibrated"], j["export_calibrated_rotated"]
+    ex = _export_run(j, "export")  # speed, export cost, greedy agreement
+    ex32, ex64 = j["export_calibrated"], j["export_calibrated_bs64"]  # perplexities: today's rows
+    rot32, rot64 = j["export_calibrated_rotated"], j["export_calibrated_rotated_bs64"]
     big_ratio = {step: big["steps"][step]["peak_rss_bytes"] / big["checkpoint_bf16_bytes"]
                  for step in ("prepare", "train", "export")}
     rows = [
@@ -27,7 +28,7 @@ def _headline(j):
         ("training step, SORSA / OSoRA, s/step",
          f"{times(train['sorsa']['time_ratio_vs_peft'])} / {times(train['osora']['time_ratio_vs_peft'])}",
          "PEFT QLoRA r16"),
-        _headline_export_cost(ex32),
+        _headline_export_cost(ex),
         ("int4 perplexity increase, linears, block 32 / 64",
          f"{signed(_increase(ex32, 'int4-linears'))} / {signed(_increase(ex64, 'int4-linears'))}",
          f"onnxruntime's best (HQQ) {signed(_increase(ex32, 'ort-hqq'))} / {signed(_increase(ex64, 'ort-hqq'))}"),
@@ -37,14 +38,14 @@ def _headline(j):
          f"{signed(_increase(rot64, 'int4-keep-principal'))} vs onnxruntime HQQ {signed(_increase(rot32, 'ort-hqq'))}"
          f" / {signed(_increase(rot64, 'ort-hqq'))}"),
         ("`export --calibrate` (GPTQ), default int4 graph, fixture / rotated copy",
-         f"{signed(_increase(cal, 'int4-gptq'))} / {signed(_increase(cal_rot, 'int4-gptq'))} "
-         f"(data-free {signed(_increase(cal, 'int4'))} / {signed(_increase(cal_rot, 'int4'))})",
-         f"onnxruntime GPTQ, lm_head dense {signed(_increase(cal, 'ort-gptq'))} (fixture)"),
+         f"{signed(_increase(ex32, 'int4-gptq'))} / {signed(_increase(rot32, 'int4-gptq'))} "
+         f"(data-free {signed(_increase(ex32, 'int4'))} / {signed(_increase(rot32, 'int4'))})",
+         f"onnxruntime GPTQ, lm_head dense {signed(_increase(ex32, 'ort-gptq'))} (fixture)"),
         ("`export --format trt-int4 --calibrate` (`sym-search`, standard ONNX ops), fixture / rotated",
-         f"{signed(_increase(cal, 'trt-int4-sym-search-gptq'))} / "
-         f"{signed(_increase(cal_rot, 'trt-int4-sym-search-gptq'))}",
-         f"onnxruntime RTN asymmetric, lm_head dense {signed(_increase(cal, 'ort-rtn-asym'))} / "
-         f"{signed(_increase(cal_rot, 'ort-rtn-asym'))}"),
+         f"{signed(_increase(ex32, 'trt-int4-sym-search-gptq'))} / "
+         f"{signed(_increase(rot32, 'trt-int4-sym-search-gptq'))}",
+         f"onnxruntime RTN asymmetric, lm_head dense {signed(_increase(ex32, 'ort-rtn-asym'))} / "
+         f"{signed(_increase(rot32, 'ort-rtn-asym'))}"),
         ("`qosora generate` int4 decode, 1 / 2 threads, batch 1",
          f"{_decode_range(dec, threads=1, batch_size=1)} / {_decode_range(dec, threads=2, batch_size=1)}",
          "onnxruntime-genai's Generator on its builder's int4 graph, AVX-512 CPU"),
@@ -56,7 +57,7 @@ def _headline(j):
          " / ".join(times(x) for x in big_ratio.values()) + " the bf16 checkpoint",
          f"training peak {times(big['training_peak']['measured_over_planned'])} `qosora plan`"),
         ("nf4 export greedy agreement, 64 tokens x 5 prompts",
-         f"{ex32['greedy_64']['nf4']['greedy_agree_tokens']} / {ex32['greedy_64']['nf4']['greedy_total_tokens']}",
+         f"{ex['greedy_64']['nf4']['greedy_agree_tokens']} / {ex['greedy_64']['nf4']['greedy_total_tokens']}",
          "PyTorch model of the same directory"),
     ]
     return md_table(("what", "measured", "anchor, same run"), [r for r in rows if r is not None])
