@@ -15,10 +15,14 @@ Rows of the upper Cholesky factor U of H^-1 (H^-1 = U^T U) give every [H_F^-1]_{
 (U_{j,F} / U_jj), so nothing is re-inverted; updates to columns beyond the current batch of `lazy_batch` columns
 are deferred and applied as one matrix product per batch (the paper's "lazy batch" updates).
 
-The grid: each (row, K-block) group gets its scale and zero point once, when the sweep reaches the group's first
-column, from the group's *current* (already error-updated) weights, by the same registered scheme the data-free
-export uses ("sym": absmax / 7, "asym": min/max, "hqq": ..., `quantizers.QUANTIZERS`): GPTQ with groups, with our
-NF4-aware grid rules as its starting points. The result is an `Int4Blocks` the MatMulNBits / DequantizeLinear
+The grid: each (row, K-block) group gets its scale and zero point once, by the same registered scheme the
+data-free export uses ("sym": absmax / 7, "asym": min/max, "hqq": ..., `quantizers.QUANTIZERS`): GPTQ with groups,
+with our NF4-aware grid rules as its starting points. `grid="dynamic"` fits it when the sweep reaches the group's
+first column, to the group's *current* (already error-updated) weights; `grid="static"` fits it to the original
+weights before the sweep (GPTQ's "static groups"), so the grid is the data-free export's and only the rounding is
+compensated. Static keeps a grid the weights already lie near (a checkpoint that went through GGUF Q4_1 once) that
+the error updates would move them off; `grid="best"` runs both sweeps and keeps the one with the lower output error
+on the calibration inputs, per linear. The result is an `Int4Blocks` the MatMulNBits / DequantizeLinear
 emitters write unchanged.
 
 Dead inputs (H_jj = 0: the input is always 0) get H_jj = 1 and W[:, j] = 0, as in GPTQ. H is damped by
@@ -35,7 +39,7 @@ import numpy as np
 import torch
 
 from qosora.export.int4 import Int4Blocks, dequantize_int4
-from qosora.export.options import Int4Scheme
+from qosora.export.options import CALIBRATION_GRIDS, CalibrationGrid, Int4Scheme
 from qosora.export.quantizers import QUANTIZERS, quantize_int4
 
 LAZY_BATCH = 128  # columns per deferred update (the GPTQ paper's B); rounded up to a multiple of the block size
@@ -51,12 +55,14 @@ class GPTQResult:
     output_error      ||(W - deq(q)) X||_F / ||W X||_F = sqrt(tr(E H E^T) / tr(W H W^T)), E = W - deq(q)
     rtn_output_error  the same for the data-free scheme on W (`quantize_int4`: what export writes uncalibrated)
     damp              the absolute damping lambda added to diag(H)
+    grid              the grid the sweep used, "dynamic" or "static" (the better one where asked for "best")
     """
 
     q: Int4Blocks
     output_error: float
     rtn_output_error: float
     damp: float
+    grid: str = "dynamic"
 
 
 @dataclass
@@ -94,14 +100,17 @@ def inverse_hessian(h: torch.Tensor, *, damp: float = 0.01, act_order: bool = Fa
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor | InverseHessian, block_size: int, scheme: Int4Scheme = "sym",
                   *, damp: float = 0.01, act_order: bool = False, lazy_batch: int = LAZY_BATCH,
-                  errors: bool = True) -> GPTQResult:
+                  errors: bool = True, grid: CalibrationGrid = "dynamic") -> GPTQResult:
     """Quantize W [N, K] (float32 or float64, any device) to blockwise int4, given H = sum x x^T [K, K] or its
     `inverse_hessian` (then `damp` and `act_order` are the ones it was made with).
 
     act_order: quantize columns in order of decreasing H_jj (GPTQ's "desc_act"); the blocks stay contiguous along
     the original K, each block's grid is chosen when its first column in that order is reached. The GPTQ error is
     free (below); errors=False skips the two traces tr(W H W^T) and RTN's (each N K^2, like the sweep): NaN then.
+    grid: "dynamic", "static" or "best" (the module docstring).
     """
+    if grid not in CALIBRATION_GRIDS:
+        raise ValueError(f"unknown GPTQ grid {grid!r}; choose one of {', '.join(CALIBRATION_GRIDS)}")
     if scheme not in QUANTIZERS:
         raise ValueError(f"unknown int4 scheme {scheme!r}; choose one of {', '.join(QUANTIZERS)}")
     n, k = w.shape
@@ -114,21 +123,25 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | InverseHessian, block_size:
     dead = inv.dead.to(w.device)
     weight[:, dead] = 0.0
     perm = inv.perm.to(w.device)
-    q, err_sq = _sweep(weight[:, perm], inv.u.to(device=w.device, dtype=dt), perm, block_size, scheme,
-                       -(-lazy_batch // block_size) * block_size)
+    u_inv, lazy = inv.u.to(device=w.device, dtype=dt), -(-lazy_batch // block_size) * block_size
+    sweeps = []  # (tr(E H E^T), grid, q)
+    for g in ("dynamic", "static") if grid == "best" else (grid,):
+        q, err_sq = _sweep(weight[:, perm], u_inv, perm, block_size, scheme, lazy, static=g == "static")
+        # The sweep leaves W - Q = Err U, so ||Err||^2 = tr(E H' E^T), H' = H + lambda I + (1 on dead inputs'
+        # diagonal) the matrix factored, E from the dead-zeroed W (H ignores dead columns): tr(E H E^T) for free.
+        e = weight - _dequantized(q, weight)
+        sweeps.append((err_sq - inv.damp * float(e.double().square().sum()) - float(e[:, dead].double().square().sum()),
+                       g, q))
+    gptq_sq, used, q = min(sweeps, key=lambda s: s[0])
     if not errors:
-        return GPTQResult(q, float("nan"), float("nan"), inv.damp)
-    # The sweep leaves W - Q = Err U, so ||Err||^2 = tr(E H' E^T), H' = H + lambda I + (1 on dead inputs' diagonal)
-    # the matrix factored, E from the dead-zeroed W (H ignores dead columns): tr(E H E^T) for free.
+        return GPTQResult(q, float("nan"), float("nan"), inv.damp, used)
     hess = inv.h.to(device=w.device, dtype=dt)
-    e = weight - _dequantized(q, weight)
-    gptq_sq = err_sq - inv.damp * float(e.double().square().sum()) - float(e[:, dead].double().square().sum())
     w_ref = w.detach().to(dt)
     rtn = quantize_int4(w_ref.float().cpu().numpy(), block_size, scheme)
     ref = h_trace(w_ref, hess)
     rtn_sq = h_trace(w_ref - _dequantized(rtn, w_ref), hess)
     ratio = lambda sq: (max(sq, 0.0) / ref) ** 0.5 if ref > 0 else 0.0  # noqa: E731
-    return GPTQResult(q, ratio(gptq_sq), ratio(rtn_sq), inv.damp)
+    return GPTQResult(q, ratio(gptq_sq), ratio(rtn_sq), inv.damp, used)
 
 
 def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -151,10 +164,12 @@ def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, fl
 
 
 def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_size: int, scheme: Int4Scheme,
-           lazy_batch: int) -> tuple[Int4Blocks, float]:
+           lazy_batch: int, static: bool = False) -> tuple[Int4Blocks, float]:
     """The OBS sweep over the (permuted) columns of weight [N, K], updated in place; u_inv [K, K] upper. Returns
-    the codes, scales and zero points in the original column order, and ||Err||_F^2 (the damped loss)."""
+    the codes, scales and zero points in the original column order, and ||Err||_F^2 (the damped loss). static:
+    each group's grid from the weights as they were before the sweep."""
     n, k = weight.shape
+    original = weight.clone() if static else None
     nb = -(-k // block_size)
     perm_cpu = perm.cpu()
     group = (perm_cpu // block_size).tolist()  # group of each processed column
@@ -179,7 +194,8 @@ def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_
             g = group[i1 + i]
             if not seen[g]:  # the group's first column: pick its grid from its current weights
                 seen[g] = True
-                cur = _current_columns(members[g], weight, w1, err1, u_inv, i1, i2, i)
+                cur = (original[:, members[g]] if original is not None
+                       else _current_columns(members[g], weight, w1, err1, u_inv, i1, i2, i))
                 qb = _group_grid(cur, block_size, scheme)
                 zeros = _store_grid(qb, g, k, scales, codes, zeros, scale_t, zero_t)
             col = w1[:, i]

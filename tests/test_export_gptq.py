@@ -92,14 +92,17 @@ def test_diagonal_hessian_is_round_to_nearest(scheme, shape):
     np.testing.assert_array_equal(r.codes[:, k:], rtn.codes[:, k:])  # K's zero padding, as the format pads it
 
 
-def plain_obs_sweep(w: np.ndarray, h: np.ndarray, block_size: int, scheme: str, damp: float, order: np.ndarray):
+def plain_obs_sweep(w: np.ndarray, h: np.ndarray, block_size: int, scheme: str, damp: float, order: np.ndarray,
+                    static: bool = False):
     """GPTQ without Cholesky or lazy batches (float64): quantize column p (in `order`), spread its error over the
-    remaining columns with the explicit inverse Hessian, then remove p from that inverse (the paper's eq. 3)."""
+    remaining columns with the explicit inverse Hessian, then remove p from that inverse (the paper's eq. 3).
+    static: each group's grid from the weights before the sweep, else from the current ones."""
     w, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
     n, k = w.shape
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    before = w.copy()
     hinv = np.linalg.inv(h + damp * np.mean(np.diag(h)) * np.eye(k))
     nb = -(-k // block_size)
     codes = np.zeros((n, k), np.uint8)
@@ -107,10 +110,10 @@ def plain_obs_sweep(w: np.ndarray, h: np.ndarray, block_size: int, scheme: str, 
     zero_dtype, seen = None, set()
     for p in order:
         g = p // block_size
-        if g not in seen:  # first column of the group: its grid from the current weights
+        if g not in seen:  # first column of the group: its grid from the current (or the original) weights
             seen.add(g)
             block = np.zeros((n, 1, block_size), np.float32)
-            cols = w[:, g * block_size: (g + 1) * block_size]
+            cols = (before if static else w)[:, g * block_size: (g + 1) * block_size]
             block[:, 0, : cols.shape[1]] = cols
             grid = QUANTIZERS[scheme](block, block_size)
             scales[:, g] = grid.scales[:, 0]
@@ -125,15 +128,16 @@ def plain_obs_sweep(w: np.ndarray, h: np.ndarray, block_size: int, scheme: str, 
     return codes, scales.astype(np.float32), None if zero_dtype is None else zeros.astype(zero_dtype)
 
 
+@pytest.mark.parametrize("grid", ["dynamic", "static"])
 @pytest.mark.parametrize("act_order", [False, True], ids=["in-order", "act-order"])
 @pytest.mark.parametrize("scheme", ["sym", "asym", "hqq"])
-def test_lazy_cholesky_sweep_matches_plain_obs(scheme, act_order):
+def test_lazy_cholesky_sweep_matches_plain_obs(scheme, act_order, grid):
     w, h = correlated_layer(n=16, k=64, tokens=256, seed=3)
     h[5, :] = h[:, 5] = 0  # a dead input
-    r = gptq_quantize(w.double(), h, 16, scheme, act_order=act_order, lazy_batch=32, errors=False).q
+    r = gptq_quantize(w.double(), h, 16, scheme, act_order=act_order, lazy_batch=32, errors=False, grid=grid).q
     order = np.argsort(-np.where(np.diag(h.numpy()) == 0, 1.0, np.diag(h.numpy())), kind="stable") if act_order \
         else np.arange(64)
-    codes, scales, zeros = plain_obs_sweep(w.numpy(), h.numpy(), 16, scheme, 0.01, order)
+    codes, scales, zeros = plain_obs_sweep(w.numpy(), h.numpy(), 16, scheme, 0.01, order, static=grid == "static")
     np.testing.assert_array_equal(r.codes, codes)
     np.testing.assert_array_equal(r.scales, scales)
     if zeros is None:
@@ -142,6 +146,26 @@ def test_lazy_cholesky_sweep_matches_plain_obs(scheme, act_order):
         np.testing.assert_array_equal(r.zero_points, zeros)
     if scheme != "hqq":  # a dead input's weights are set to 0, which integer zero points represent exactly
         assert (dequantize_int4(r)[:, 5] == 0).all()
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym-ls-float", "hqq"])
+def test_static_grid_is_the_data_free_grid_with_compensated_codes(scheme):
+    """grid="static": the scales and zero points are the data-free export's, only the codes move, and the output
+    error is below round-to-nearest on that very grid; "best" keeps the sweep of lower output error."""
+    w, h = correlated_layer(seed=11)
+    static = gptq_quantize(w, h, 32, scheme, grid="static")
+    rtn = quantize_int4(w.numpy(), 32, scheme)
+    np.testing.assert_array_equal(static.q.scales, rtn.scales)
+    if rtn.zero_points is not None:
+        np.testing.assert_array_equal(static.q.zero_points, rtn.zero_points)
+    assert static.grid == "static" and static.output_error < 0.9 * static.rtn_output_error
+    dynamic = gptq_quantize(w, h, 32, scheme, grid="dynamic")
+    best = gptq_quantize(w, h, 32, scheme, grid="best")
+    chosen = min((dynamic, static), key=lambda r: r.output_error)
+    assert best.grid == chosen.grid and best.output_error == pytest.approx(chosen.output_error, rel=1e-9)
+    np.testing.assert_array_equal(best.q.codes, chosen.q.codes)
+    with pytest.raises(ValueError, match="unknown GPTQ grid"):
+        gptq_quantize(w, h, 32, scheme, grid="later")
 
 
 def test_shared_inverse_hessian_and_fused_rows():
