@@ -21,8 +21,7 @@ with our NF4-aware grid rules as its starting points. `grid="dynamic"` fits it w
 first column, to the group's *current* (already error-updated) weights; `grid="static"` fits it to the original
 weights before the sweep (GPTQ's "static groups"), so the grid is the data-free export's and only the rounding is
 compensated. Static keeps a grid the weights already lie near (a checkpoint that went through GGUF Q4_1 once) that
-the error updates would move them off; `grid="best"` runs both sweeps and keeps the one with the lower output error
-on the calibration inputs, per linear. The result is an `Int4Blocks` the MatMulNBits / DequantizeLinear
+the error updates would move them off. The result is an `Int4Blocks` the MatMulNBits / DequantizeLinear
 emitters write unchanged.
 
 Dead inputs (H_jj = 0: the input is always 0) get H_jj = 1 and W[:, j] = 0, as in GPTQ. H is damped by
@@ -55,14 +54,12 @@ class GPTQResult:
     output_error      ||(W - deq(q)) X||_F / ||W X||_F = sqrt(tr(E H E^T) / tr(W H W^T)), E = W - deq(q)
     rtn_output_error  the same for the data-free scheme on W (`quantize_int4`: what export writes uncalibrated)
     damp              the absolute damping lambda added to diag(H)
-    grid              the grid the sweep used, "dynamic" or "static" (the better one where asked for "best")
     """
 
     q: Int4Blocks
     output_error: float
     rtn_output_error: float
     damp: float
-    grid: str = "dynamic"
 
 
 @dataclass
@@ -107,7 +104,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | InverseHessian, block_size:
     act_order: quantize columns in order of decreasing H_jj (GPTQ's "desc_act"); the blocks stay contiguous along
     the original K, each block's grid is chosen when its first column in that order is reached. The GPTQ error is
     free (below); errors=False skips the two traces tr(W H W^T) and RTN's (each N K^2, like the sweep): NaN then.
-    grid: "dynamic", "static" or "best" (the module docstring).
+    grid: "dynamic" or "static" (the module docstring).
     """
     if grid not in CALIBRATION_GRIDS:
         raise ValueError(f"unknown GPTQ grid {grid!r}; choose one of {', '.join(CALIBRATION_GRIDS)}")
@@ -123,25 +120,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor | InverseHessian, block_size:
     dead = inv.dead.to(w.device)
     weight[:, dead] = 0.0
     perm = inv.perm.to(w.device)
-    u_inv, lazy = inv.u.to(device=w.device, dtype=dt), -(-lazy_batch // block_size) * block_size
-    sweeps = []  # (tr(E H E^T), grid, q)
-    for g in ("dynamic", "static") if grid == "best" else (grid,):
-        q, err_sq = _sweep(weight[:, perm], u_inv, perm, block_size, scheme, lazy, static=g == "static")
-        # The sweep leaves W - Q = Err U, so ||Err||^2 = tr(E H' E^T), H' = H + lambda I + (1 on dead inputs'
-        # diagonal) the matrix factored, E from the dead-zeroed W (H ignores dead columns): tr(E H E^T) for free.
-        e = weight - _dequantized(q, weight)
-        sweeps.append((err_sq - inv.damp * float(e.double().square().sum()) - float(e[:, dead].double().square().sum()),
-                       g, q))
-    gptq_sq, used, q = min(sweeps, key=lambda s: s[0])
+    q, err_sq = _sweep(weight[:, perm], inv.u.to(device=w.device, dtype=dt), perm, block_size, scheme,
+                       -(-lazy_batch // block_size) * block_size, static=grid == "static")
     if not errors:
-        return GPTQResult(q, float("nan"), float("nan"), inv.damp, used)
+        return GPTQResult(q, float("nan"), float("nan"), inv.damp)
+    # The sweep leaves W - Q = Err U, so ||Err||^2 = tr(E H' E^T), H' = H + lambda I + (1 on dead inputs' diagonal)
+    # the matrix factored, E from the dead-zeroed W (H ignores dead columns): tr(E H E^T) for free.
     hess = inv.h.to(device=w.device, dtype=dt)
+    e = weight - _dequantized(q, weight)
+    gptq_sq = err_sq - inv.damp * float(e.double().square().sum()) - float(e[:, dead].double().square().sum())
     w_ref = w.detach().to(dt)
     rtn = quantize_int4(w_ref.float().cpu().numpy(), block_size, scheme)
     ref = h_trace(w_ref, hess)
     rtn_sq = h_trace(w_ref - _dequantized(rtn, w_ref), hess)
     ratio = lambda sq: (max(sq, 0.0) / ref) ** 0.5 if ref > 0 else 0.0  # noqa: E731
-    return GPTQResult(q, ratio(gptq_sq), ratio(rtn_sq), inv.damp, used)
+    return GPTQResult(q, ratio(gptq_sq), ratio(rtn_sq), inv.damp)
 
 
 def _inverse_cholesky(hess: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:

@@ -91,7 +91,7 @@ class LinearEmitter:
         r = gptq_quantize(torch.from_numpy(weight), self._inverse[1], self.opts.block_size, self.opts.int4_scheme,
                           grid=self.opts.calibration_grid)
         if note is not None:
-            note.update(output_error=r.output_error, output_error_uncalibrated=r.rtn_output_error, grid=r.grid)
+            note.update(output_error=r.output_error, output_error_uncalibrated=r.rtn_output_error)
         return r.q
 
     def quantize_merged(self, module: str, **note) -> Int4Blocks:

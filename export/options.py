@@ -25,7 +25,7 @@ IoDtype = Literal["float32", "float16"]
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
 BlockSize = Literal[16, 32, 64, 128, 256]
-CalibrationGrid = Literal["best", "dynamic", "static"]  # when GPTQ fits each block's grid (export/gptq.py)
+CalibrationGrid = Literal["dynamic", "static"]  # when GPTQ fits each block's grid (export/gptq.py)
 CALIBRATION_GRIDS: tuple[str, ...] = get_args(CalibrationGrid)
 
 # What the cross-field rules know about the formats.
@@ -81,10 +81,8 @@ class ExportOptions:
     calibration_seq_len: int = option(512, "tokens per calibration window", min=16)
     calibration_seed: int = option(0, "seed of the calibration window draw", min=0)
     calibration_grid: CalibrationGrid = option("dynamic", "GPTQ's int4 grid: dynamic (fitted to the error-updated "
-                                                          "weights as the sweep reaches each block), static (the "
-                                                          "data-free grid; only the rounding compensated), best "
-                                                          "(both sweeps, per linear the lower output error on the "
-                                                          "calibration data; ~2x the sweep time)")
+                                                          "weights as the sweep reaches each block), static (each "
+                                                          "block's data-free grid; only the rounding compensated)")
     io_dtype: IoDtype | None = option(None, "activations, KV cache and logits of int4/nf4/trt-int4 graphs (default: "
                                             "float32 on cpu, float16 on cuda, whose GroupQueryAttention needs it)")
 

@@ -161,11 +161,11 @@ CALIBRATED = [  # (row, --format, flags): our --calibrate exports
     ("int4-linears-hqq-gptq", "int4", ("--int4-scheme", "hqq", *LIN)),
     ("int4-linears-asym-ls-float-gptq", "int4", ("--int4-scheme", "asym-ls-float", *LIN)),
     ("int4-linears-keep-principal-gptq", "int4", ("--keep-principal", "--int4-scheme", "hqq", *LIN)),
-    # --calibration-grid best: per linear the better of GPTQ's dynamic and static grids (the blocks' data-free grid)
-    ("int4-linears-asym-ls-float-best-gptq", "int4", ("--int4-scheme", "asym-ls-float", "--calibration-grid", "best",
-                                                      *LIN)),
-    ("int4-linears-keep-principal-best-gptq", "int4", ("--keep-principal", "--int4-scheme", "hqq",
-                                                       "--calibration-grid", "best", *LIN)),
+    # --calibration-grid static: GPTQ on each block's data-free grid
+    ("int4-linears-asym-ls-float-static-gptq", "int4", ("--int4-scheme", "asym-ls-float", "--calibration-grid",
+                                                        "static", *LIN)),
+    ("int4-linears-keep-principal-static-gptq", "int4", ("--keep-principal", "--int4-scheme", "hqq",
+                                                         "--calibration-grid", "static", *LIN)),
     ("int4-gptq", "int4", ()),  # the CPU defaults, lm_head and embedding int4 too
     ("int4-hqq-gptq", "int4", ("--int4-scheme", "hqq")),
     ("trt-int4-gptq", "trt-int4", ("--int4-scheme", "sym")),  # absmax / 7; sym-search is the default now

@@ -105,8 +105,8 @@ _LINEAR_ROWS = (  # (label, bench_export.py row): lm_head and embedding dense, a
     ("ours `hqq --calibrate`", "int4-linears-hqq-gptq"),
     ("ours `asym-ls-float --calibrate`", "int4-linears-asym-ls-float-gptq"),
     ("ours `--keep-principal --calibrate` (`hqq` residual compensated)", "int4-linears-keep-principal-gptq"),
-    ("ours `asym-ls-float --calibrate --calibration-grid best`", "int4-linears-asym-ls-float-best-gptq"),
-    ("ours `--keep-principal --calibrate --calibration-grid best`", "int4-linears-keep-principal-best-gptq"),
+    ("ours `asym-ls-float --calibrate --calibration-grid static`", "int4-linears-asym-ls-float-static-gptq"),
+    ("ours `--keep-principal --calibrate --calibration-grid static`", "int4-linears-keep-principal-static-gptq"),
 )
 _GRAPH_ROWS = (  # (label, data-free row, calibrated row): whole graphs as `qosora export` writes them
     ("int4, the CPU default (`asym`; lm_head and embedding int4)", "int4", "int4-gptq"),
