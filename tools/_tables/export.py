@@ -181,6 +181,8 @@ _COST_ROWS = (  # (label, bench_export.py row)
     ("ours trt-int4", "trt-int4"),
     ("ours trt-int4 `--calibrate`", "trt-int4-gptq"),
     ("ours trt-int4 `--keep-principal --calibrate`", "trt-int4-keep-principal-gptq"),
+    ("ours int4 linears `--keep-principal --calibrate --calibration-grid static`",
+     "int4-linears-keep-principal-static-gptq"),
     ("ours fp32 (what onnxruntime's quantizers start from)", "fp32"),
     ("onnxruntime RTN asymmetric on it", "ort-rtn-asym"),
     ("onnxruntime HQQ on it", "ort-hqq"),
