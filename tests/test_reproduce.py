@@ -91,9 +91,10 @@ def test_study_runs_each_cell_once_and_resumes(study):
     tmp_path, fake = study
     reproduce.Study(_args(tmp_path)).run()
     kinds = [c[0] for c in fake.calls]
-    # 2 prepares, 3 sweep lrs x 2 methods + osora's extension + 1 extra seed each, 2 x 2 test cells, deploy: 2 methods
-    # x (4 + 2) variants
-    assert (kinds.count("prepare"), kinds.count("train"), kinds.count("test"), kinds.count("deploy")) == (2, 9, 4, 12)
+    # 2 prepares, 3 sweep lrs x 2 methods + osora's extension + 1 extra seed each, 1 PyTorch parity cell, deploy:
+    # 2 methods x (3 + 2) variants
+    assert (kinds.count("prepare"), kinds.count("train"), kinds.count("test"), kinds.count("deploy")) == (2, 9, 1, 10)
+    assert [c[1] for c in fake.calls if c[0] == "test"] == [str(tmp_path / "work" / "runs" / "qlora-lr0.0002-s0")]
     swept = [float(c[2]) for c in fake.calls if c[0] == "train" and c[1] == "osora" and c[3] == "0"]
     assert swept == [6.67e-4, 2e-3, 6e-3, 1.8e-2]
     seed1 = [c for c in fake.calls if c[0] == "train" and c[3] == "1"]

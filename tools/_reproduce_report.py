@@ -78,23 +78,37 @@ def plan_line(data: dict) -> str:
 def method_table(data: dict) -> str:
     s = Summary(data)
     plan = s.plan
-    lines = ["| method | trainable params | lr swept: validation loss | chosen lr | held-out loss (PyTorch) "
-             "| EM fp32 graph | EM int4 | held-out loss int4 | train s / run | train peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | trainable params | lr swept: validation loss | chosen lr | validation loss, per seed "
+             "| held-out loss, fp32 graph | EM fp32 graph | EM int4 | held-out loss int4 | train s / run "
+             "| train peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in s.methods:
         sweep, lr = s.sweep(m), s.chosen(m)
         swept = ", ".join(f"{k:g}: {v['final_eval_loss']:.4f}" for k, v in sweep.items())
         train = [s.cells[f"train/{m}/{_lr_key(lr)}/{seed}"] for seed in plan["seeds"]
                  if lr is not None and f"train/{m}/{_lr_key(lr)}/{seed}" in s.cells]
-        test = s.runs(m, "test")
         fp32, int4 = s.runs(m, "deploy", "fp32"), s.runs(m, "deploy", "int4")
         lines.append(
             f"| {m} | {s.cells[f'prepare/{m}']['trainable_params']:,} | {swept} | "
-            f"{'-' if lr is None else f'{lr:g}'} | {_mean_spread([r['test_loss'] for r in test], '.4f')} | "
+            f"{'-' if lr is None else f'{lr:g}'} | {_mean_spread([t['final_eval_loss'] for t in train], '.4f')} | "
+            f"{_mean_spread([r['test_loss'] for r in fp32], '.4f')} | "
             f"{_em(fp32)} | {_em(int4)} | {_mean_spread([r['test_loss'] for r in int4], '.4f')} | "
             f"{_mean_spread([t['seconds'] for t in train], '.0f')} | "
             f"{_mean_spread([t['peak_rss_mb'] / 1024 for t in train], '.2f')} GiB |")
     return "\n".join(lines)
+
+
+def parity_line(data: dict) -> str:
+    """The PyTorch held-out loss of the one run that has it against its fp32 graph's."""
+    s = Summary(data)
+    for m in s.methods:
+        for torch_run in s.runs(m, "test"):
+            graph = [r for r in s.runs(m, "deploy", "fp32") if r["seed"] == torch_run["seed"]]
+            if graph:
+                return (f"The fp32 graph computes the trained function: {m} seed {torch_run['seed']}'s held-out "
+                        f"loss is {torch_run['test_loss']:.5f} in PyTorch (`qosora.load`, fp32) and "
+                        f"{graph[0]['test_loss']:.5f} through its fp32 graph.")
+    return "No PyTorch parity cell yet."
 
 
 def variants_table(data: dict) -> str:
@@ -114,7 +128,7 @@ def variants_table(data: dict) -> str:
 
 
 def tables(data: dict) -> str:
-    return "\n\n".join([plan_line(data), method_table(data),
+    return "\n\n".join([plan_line(data), method_table(data), parity_line(data),
                          f"Deploy variants, seed {data['plan']['seeds'][0]}: held-out loss and exact match through "
                          "each graph (export time, graph size).", variants_table(data)])
 

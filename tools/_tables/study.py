@@ -17,3 +17,10 @@ def _reproduce_variants(j):
     from _reproduce_report import variants_table
 
     return variants_table(j["reproduce"])
+
+
+@table("reproduce_parity", "reproduce")
+def _reproduce_parity(j):
+    from _reproduce_report import parity_line
+
+    return parity_line(j["reproduce"])
