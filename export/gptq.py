@@ -185,7 +185,7 @@ def _sweep(weight: torch.Tensor, u_inv: torch.Tensor, perm: torch.Tensor, block_
         u1 = u_inv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = group[i1 + i]
-            if not seen[g]:  # the group's first column: pick its grid from its current weights
+            if not seen[g]:  # the group's first column: its grid, from its current (or original) weights
                 seen[g] = True
                 cur = (original[:, members[g]] if original is not None
                        else _current_columns(members[g], weight, w1, err1, u_inv, i1, i2, i))

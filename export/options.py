@@ -120,6 +120,9 @@ class ExportOptions:
                               "--attention standard")
         if opts.calibrate is not None and fmt not in INT4_FORMATS:
             raise QosoraError(f"--calibrate applies to --format {' and '.join(INT4_FORMATS)} (the requantized weights)")
+        if opts.calibration_grid != "dynamic" and opts.calibrate is None:
+            raise QosoraError(f"--calibration-grid {opts.calibration_grid} applies to a calibrated export: add "
+                              "--calibrate DATA.jsonl (or --calibrate train)")
         if opts.keep_principal and fmt not in INT4_FORMATS:
             raise QosoraError(f"--keep-principal applies to --format {' and '.join(INT4_FORMATS)}")
         return opts

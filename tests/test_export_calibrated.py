@@ -61,6 +61,8 @@ def test_calibration_is_deterministic_and_changes_the_weights(src, tmp_path):
 def test_calibrate_applies_to_int4_formats_only(src):
     with pytest.raises(QosoraError, match="--calibrate applies to --format int4 and trt-int4"):
         ExportOptions(format="fp16", calibrate="x.jsonl").validate()
+    with pytest.raises(QosoraError, match="--calibration-grid static applies to a calibrated export"):
+        ExportOptions(calibration_grid="static").validate()
 
 
 @pytest.mark.parametrize("content,needle", [("", "no rows"), ('{"text": "w5 w6"}\nnot json\n', ":2:"),
