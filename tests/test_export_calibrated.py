@@ -58,6 +58,17 @@ def test_calibration_is_deterministic_and_changes_the_weights(src, tmp_path):
     assert "calibration" not in plain
 
 
+def test_static_grid_reaches_the_export(src, tmp_path):
+    """--calibration-grid static: other codes than the default grid's, every linear still below the data-free error
+    on the calibration inputs."""
+    static = export_onnx(src, tmp_path / "static", options=_options(src, calibration_grid="static"), check=False)
+    export_onnx(src, tmp_path / "dynamic", options=_options(src), check=False)
+    data = {k: (tmp_path / k / "model.onnx.data").read_bytes() for k in ("static", "dynamic")}
+    assert data["static"] != data["dynamic"]
+    linears = [e for m, e in static["requantization"]["layers"].items() if m.startswith("model.layers.")]
+    assert linears and all(e["output_error"] < e["output_error_uncalibrated"] for e in linears)
+
+
 def test_calibrate_applies_to_int4_formats_only(src):
     with pytest.raises(QosoraError, match="--calibrate applies to --format int4 and trt-int4"):
         ExportOptions(format="fp16", calibrate="x.jsonl").validate()
