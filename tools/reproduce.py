@@ -111,8 +111,9 @@ class Study:
                 run_dir = self.train(m, chosen[m], seed)
                 if (m, seed) == (a.methods[0], a.seeds[0]):
                     self.cell(f"test/{m}/{chosen[m]:g}/{seed}", "test", str(run_dir), str(a.seq_len))
-                for v in a.variants:
-                    if v in SEED0_ONLY and seed != a.seeds[0]:
+                later = seed != a.seeds[0]
+                for v in sorted(a.variants, key=lambda v: v != "int4") if later else a.variants:  # cheapest first
+                    if v in SEED0_ONLY and later:
                         continue
                     self.cell(f"deploy/{m}/{chosen[m]:g}/{seed}/{v}", "deploy", str(run_dir), v, str(a.seq_len),
                               str(a.max_new_tokens))
