@@ -8,7 +8,7 @@ from .pipeline import _decode_cell
 
 
 @table("headline", "prepare", "fidelity", "train", "export", "decode", "rehearsal_7b", "export_calibrated",
-       "export_calibrated_bs64", "export_calibrated_rotated", "export_calibrated_rotated_bs64")
+       "export_calibrated_bs64", "export_calibrated_rotated", "export_calibrated_rotated_bs64", "reproduce")
 def _headline(j):
     """One entry a row, (what, measured, anchor): a new headline is one more entry. None (no data) is left out."""
     prep, fid, train, dec, big = j["prepare"], j["fidelity"]["results"], j["train"], j["decode"], j["rehearsal_7b"]
@@ -59,9 +59,29 @@ def _headline(j):
          f"training peak {times(big['training_peak']['measured_over_planned'])} `qosora plan`"),
         ("nf4 export greedy agreement, 64 tokens x 5 prompts",
          f"{ex['greedy_64']['nf4']['greedy_agree_tokens']} / {ex['greedy_64']['nf4']['greedy_total_tokens']}",
-         "PyTorch model of the same directory"),
+         "PyTorch model of the same directory"),        _headline_methods(j["reproduce"]),
     ]
     return md_table(("what", "measured", "anchor, same run"), [r for r in rows if r is not None])
+
+
+def _headline_methods(data: dict) -> tuple:
+    """The reproduction study: validation loss at each method's tuned lr (mean of the seeds) against its default's."""
+    from _reproduce_report import Summary
+
+    s = Summary(data)
+    seeds, factors = s.plan["seeds"], s.plan["lr_factors"]
+    tuned, untuned = [], []
+    for m in s.methods:
+        lr = s.chosen(m)
+        runs = [s.cells[f"train/{m}/{lr:g}/{seed}"] for seed in seeds if f"train/{m}/{lr:g}/{seed}" in s.cells]
+        tuned.append(f"{sum(r['final_eval_loss'] for r in runs) / len(runs):.3f}")
+        # The results file keeps the cells in run order: a method's first cells are its sweep at default x factors.
+        first = [c for k, c in s.cells.items() if k.startswith(f"train/{m}/") and k.endswith(f"/{seeds[0]}")]
+        untuned.append(f"{first[factors.index(1.0)]['final_eval_loss']:.3f}")
+    names = " / ".join(m.replace("qlora", "QLoRA").replace("pissa", "PiSSA").replace("sorsa", "SORSA")
+                       .replace("osora", "OSoRA") for m in s.methods)
+    return (f"GSM8K validation loss at each method's tuned lr, {names} ({len(seeds)} seeds, 135M, 30 steps)",
+            " / ".join(tuned), f"at each method's default lr: {' / '.join(untuned)}")
 
 
 def _lowest_calibrated(run: dict) -> float:
