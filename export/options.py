@@ -46,9 +46,9 @@ class ExportOptions:
 
     format: Format = option("int4", "int4: MatMulNBits (ORT CPU/CUDA); nf4: the trained NF4 residual + rank-r "
                                     "branch; fp16/fp32: dense; trt-int4: standard ONNX only, for TensorRT (symmetric "
-                                    "int4: --calibrate leaves an eighth to a quarter of its perplexity increase on "
-                                    "SmolLM2 at ~10x the export time; with --keep-principal too, the most accurate "
-                                    "graph, at +40%% bytes; "
+                                    "int4: --calibrate leaves about an eighth to a quarter of its perplexity increase "
+                                    "on SmolLM2 at ~10x the export time; with --keep-principal too, mostly the most "
+                                    "accurate graph, at +40%% bytes; "
                                     "BENCHMARKS.md)")
     block_size: BlockSize = option(32, "int4 / trt-int4 quantization block along K")
     # None: "asym" for int4 on cpu: integer zero points run MatMulNBits alone, as fast as onnxruntime-genai's own

@@ -13,9 +13,9 @@ and the first failure stops the run: later steps read what earlier ones wrote (t
 /tmp/qosora-bench-export, the rotated ones need /tmp/smollm2-rotated). Extra environments are checked before anything
 runs, and each missing one is named with the command that provides it.
 
-The Export tables read bench_export.py's rows from before issue #11 renamed them (`int4` is now the `asym` CPU
-default): after the export steps rerun, bench_tables.py refuses the new JSON, with an error saying so, until those
-render functions follow the new names.
+The Export speed and cost tables and two README headline rows read bench/export.json, a run of bench_export.py
+from before issue #11 renamed its rows (`int4` is now the `asym` CPU default): after that step reruns,
+bench_tables.py refuses the new JSON, with an error saying so, until those render functions follow the new names.
 
 Not run by default: tools/reproduce.py (the reproduction study, a separate and much longer run with its own
 resumable cache and report; `--only reproduce` runs it). Not here: `qosora plan` (instant; no JSON of its output is
@@ -104,10 +104,10 @@ BENCHMARKS = (
                                            "--calibrate --skip-speed --no-ort-gptq "
                                            "--out bench/export_calibrated_rotated.json",
               "bench/export_calibrated_rotated.json", (_GSM8K,)),
-    Benchmark("export_calibrated_rotated_bs64", f"{_EXPORT} --model /tmp/smollm2-rotated "
-                                                "--src /tmp/qosora-bench-rot/prepared-r64 --work /tmp/qosora-bench-rot64 "
-                                                "--block-size 64 --calibrate --skip-speed --no-ort-gptq "
-                                                "--out bench/export_calibrated_rotated_bs64.json",
+    Benchmark("export_calibrated_rotated_bs64",
+              f"{_EXPORT} --model /tmp/smollm2-rotated --src /tmp/qosora-bench-rot/prepared-r64 "
+              "--work /tmp/qosora-bench-rot64 --block-size 64 --calibrate --skip-speed --no-ort-gptq "
+              "--out bench/export_calibrated_rotated_bs64.json",
               "bench/export_calibrated_rotated_bs64.json", (_GSM8K,)),
 )
 # Studies with their own resumable runner and report: run only when named (`--only reproduce`), never by default.

@@ -59,29 +59,34 @@ def _headline(j):
          f"training peak {times(big['training_peak']['measured_over_planned'])} `qosora plan`"),
         ("nf4 export greedy agreement, 64 tokens x 5 prompts",
          f"{ex['greedy_64']['nf4']['greedy_agree_tokens']} / {ex['greedy_64']['nf4']['greedy_total_tokens']}",
-         "PyTorch model of the same directory"),        _headline_methods(j["reproduce"]),
+         "PyTorch model of the same directory"),
+        _headline_methods(j["reproduce"]),
     ]
     return md_table(("what", "measured", "anchor, same run"), [r for r in rows if r is not None])
 
 
-def _headline_methods(data: dict) -> tuple:
-    """The reproduction study: validation loss at each method's tuned lr (mean of the seeds) against its default's."""
+def _headline_methods(data: dict) -> tuple | None:
+    """The reproduction study, seed 0: validation loss at each method's tuned lr against its default lr's."""
     from _reproduce_report import Summary
 
     s = Summary(data)
-    seeds, factors = s.plan["seeds"], s.plan["lr_factors"]
-    tuned, untuned = [], []
+    seed, names, tuned, untuned = s.plan["seeds"][0], [], [], []
     for m in s.methods:
         lr = s.chosen(m)
-        runs = [s.cells[f"train/{m}/{lr:g}/{seed}"] for seed in seeds if f"train/{m}/{lr:g}/{seed}" in s.cells]
-        tuned.append(f"{sum(r['final_eval_loss'] for r in runs) / len(runs):.3f}")
         # The results file keeps the cells in run order: a method's first cells are its sweep at default x factors.
-        first = [c for k, c in s.cells.items() if k.startswith(f"train/{m}/") and k.endswith(f"/{seeds[0]}")]
-        untuned.append(f"{first[factors.index(1.0)]['final_eval_loss']:.3f}")
-    names = " / ".join(m.replace("qlora", "QLoRA").replace("pissa", "PiSSA").replace("sorsa", "SORSA")
-                       .replace("osora", "OSoRA") for m in s.methods)
-    return (f"GSM8K validation loss at each method's tuned lr, {names} ({len(seeds)} seeds, 135M, 30 steps)",
-            " / ".join(tuned), f"at each method's default lr: {' / '.join(untuned)}")
+        first = [c for k, c in s.cells.items() if k.startswith(f"train/{m}/") and k.endswith(f"/{seed}")]
+        if lr is None or len(first) < len(s.plan["lr_factors"]):
+            continue
+        names.append(_METHOD_NAMES.get(m, m))
+        tuned.append(f"{s.cells[f'train/{m}/{lr:g}/{seed}']['final_eval_loss']:.3f}")
+        untuned.append(f"{first[s.plan['lr_factors'].index(1.0)]['final_eval_loss']:.3f}")
+    if not names:
+        return None
+    return (f"GSM8K validation loss at each method's tuned lr, {' / '.join(names)} (135M, {s.plan['steps']} steps, "
+            f"seed {seed})", " / ".join(tuned), f"at each method's default lr: {' / '.join(untuned)}")
+
+
+_METHOD_NAMES = {"qlora": "QLoRA", "pissa": "PiSSA", "sorsa": "SORSA", "osora": "OSoRA"}
 
 
 def _lowest_calibrated(run: dict) -> float:
