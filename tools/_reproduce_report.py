@@ -139,27 +139,32 @@ def plot(data: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     s = Summary(data)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
-    for m in s.methods:
+    for i, m in enumerate(s.methods):
+        color = f"C{i}"  # one colour per method; seeds after the first dotted
         lr = s.chosen(m)
         if lr is not None:
             for seed in s.plan["seeds"]:
                 c = s.cells.get(f"train/{m}/{_lr_key(lr)}/{seed}")
                 if c:
-                    ax.plot(range(1, len(c["loss_curve"]) + 1), c["loss_curve"], lw=1,
+                    ax.plot(range(1, len(c["loss_curve"]) + 1), c["loss_curve"], lw=1, color=color,
                             label=f"{m} lr {lr:g} seed {seed}", ls="-" if seed == s.plan["seeds"][0] else ":")
         sweep = s.sweep(m)
         if sweep:
-            bx.plot(list(sweep), [v["final_eval_loss"] for v in sweep.values()], "o-", label=m)
+            bx.plot(list(sweep), [v["final_eval_loss"] for v in sweep.values()], "o-", color=color, label=m)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats / answer token)")
     ax.set_title("training loss at the chosen lr")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     bx.set_xscale("log")
+    bx.set_yscale("log")  # a diverged lr would flatten the rest
+    bx.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+    bx.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     bx.set_xlabel("learning rate")
     bx.set_ylabel("validation loss after training")
     bx.set_title("learning-rate sweep (seed 0)")
